@@ -1,0 +1,19 @@
+"""The public functional API of vlfast: every op, dispatched per backend.
+
+Masks are bool with True = real token/region.  Shapes: B batch, H heads, L length,
+D head dim.  ``backend(name)`` forces a backend inside a ``with`` block;
+``VLFAST_BACKEND`` does the same for the whole process.
+"""
+from __future__ import annotations
+
+from vlfast._dispatch import BackendError, backend, requested_backend
+from vlfast.kernels.attention.op import (attention, attention_keep_mask, varlen_attention,
+                                         varlen_keep_mask)
+from vlfast.kernels.co_attention.op import co_attention, co_attention_keep_masks
+from vlfast.kernels.dropout_mask import keep_mask
+
+__all__ = [
+    "BackendError", "backend", "requested_backend",
+    "attention", "attention_keep_mask", "varlen_attention", "varlen_keep_mask",
+    "co_attention", "co_attention_keep_masks", "keep_mask",
+]
