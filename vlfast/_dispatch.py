@@ -21,7 +21,6 @@ reference in place of a kernel.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import os
@@ -32,7 +31,10 @@ from typing import Callable, Iterator, Optional
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda", "cpp")
 _CHOICES = ("auto",) + BACKENDS
 
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("vlfast_backend", default=None)
+# Stack of forced backends.  A plain module global (not a ContextVar) so that
+# torch.compile can read it while tracing: dynamo guards on it and recompiles when a
+# ``backend()`` block changes it.
+_FORCED: list[str] = []
 
 
 class BackendError(RuntimeError):
@@ -48,9 +50,8 @@ def _check_name(name: str, where: str) -> str:
 def requested_backend() -> str:
     """The backend asked for right now: the innermost :func:`backend` context, else
     ``$VLFAST_BACKEND``, else ``"auto"``."""
-    name = _forced.get()
-    if name is not None:
-        return name
+    if _FORCED:
+        return _FORCED[-1]
     return _check_name(os.environ.get("VLFAST_BACKEND", "auto").strip().lower() or "auto", "VLFAST_BACKEND")
 
 
@@ -61,11 +62,11 @@ def backend(name: str) -> Iterator[None]:
     ``with vlfast.ops.backend("triton"): out = attention(q, k, v)``.  The backward of
     an op runs on the backend its forward ran on, wherever ``backward()`` is called.
     """
-    token = _forced.set(_check_name(str(name).strip().lower(), "backend(name)"))
+    _FORCED.append(_check_name(str(name).strip().lower(), "backend(name)"))
     try:
         yield
     finally:
-        _forced.reset(token)
+        _FORCED.pop()
 
 
 # ----------------------------------------------------------------------------------

@@ -46,6 +46,29 @@ INTERPRET = bool(getattr(triton.knobs.runtime, "interpret", False)) if hasattr(t
 
 
 @triton.jit
+def _mma(a, b, DOT_PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation.  DOT_PREC "f32up" upcasts the operands to fp32
+    first: Triton 3.9's interpreter multiplies bf16 operands as their raw uint16 bits,
+    and an fp32 dot of bf16 values is what the bf16 tensor-core dot computes."""
+    if DOT_PREC == "f32up":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Cast fp32 ``x`` to the tensors' dtype, rounding to nearest even.  Under the
+    interpreter ("f32up", bf16) Triton 3.9 truncates fp32 -> bf16, so the rounding is
+    done on the bits first (then the cast is exact)."""
+    if DOT_PREC == "f32up":
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _seq_bounds(b, CU, L, IS_VARLEN: tl.constexpr):
     """(start row, length) of sequence b."""
     if IS_VARLEN:
@@ -107,7 +130,7 @@ def _fwd_tile(pid_m, b, h,
             n_ok = n_ok & (km != 0)
         k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
                     mask=(cols < len_k)[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale_log2
+        s = _mma(q, tl.trans(k), DOT_PREC) * sm_scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -119,7 +142,7 @@ def _fwd_tile(pid_m, b, h,
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
                     mask=(cols < len_k)[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _mma(_to(p, v.dtype, DOT_PREC), v, DOT_PREC)
         m_i = m_new
 
     has = l_i > 0.0
@@ -127,7 +150,7 @@ def _fwd_tile(pid_m, b, h,
     out = acc / l_safe[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("inf"))
     o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + q_start * som
-    tl.store(o_base + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+    tl.store(o_base + offs_m[:, None] * som + offs_d[None, :] * sod, _to(out, O.dtype.element_ty, DOT_PREC),
              mask=m_ok[:, None] & d_ok[None, :])
     l_base = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + q_start * slm
     tl.store(l_base + offs_m * slm, lse, mask=m_ok)
@@ -181,10 +204,10 @@ def _bwd_dkdv_tile(pid_n, b, h,
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(l_base + rows * slm, mask=m_ok, other=float("inf"))
         delta = tl.load(dl_base + rows * slm, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s = _mma(q, tl.trans(k), DOT_PREC)
         p = tl.math.exp2(s * sm_scale_log2 - lse[:, None] * 1.4426950408889634)
         p = tl.where(n_ok[None, :] & m_ok[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dp = _mma(do, tl.trans(v), DOT_PREC)
         if DROPOUT:
             ctr = rng_offset + rng_row0 + rows[:, None].to(tl.int64) * rng_rs + cols[None, :].to(tl.int64)
             keep = philox_keep(seed, ctr, drop_thresh)
@@ -192,15 +215,15 @@ def _bwd_dkdv_tile(pid_n, b, h,
             dp = tl.where(keep, dp * drop_scale, 0.0)
         else:
             pd = p
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=DOT_PREC)
+        dv += _mma(tl.trans(_to(pd, do.dtype, DOT_PREC)), do, DOT_PREC)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        dk += _mma(tl.trans(_to(ds, q.dtype, DOT_PREC)), q, DOT_PREC)
 
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * sdkb + h.to(tl.int64) * sdkh + (k_start + cols[:, None]) * sdkn
-             + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty), mask=n_in[:, None] & d_ok[None, :])
+             + offs_d[None, :] * sdkd, _to(dk, DK.dtype.element_ty, DOT_PREC), mask=n_in[:, None] & d_ok[None, :])
     tl.store(DV + b.to(tl.int64) * sdvb + h.to(tl.int64) * sdvh + (k_start + cols[:, None]) * sdvn
-             + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty), mask=n_in[:, None] & d_ok[None, :])
+             + offs_d[None, :] * sdvd, _to(dv, DV.dtype.element_ty, DOT_PREC), mask=n_in[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -248,19 +271,19 @@ def _bwd_dq_tile(pid_m, b, h,
                     mask=n_in[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_in[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s = _mma(q, tl.trans(k), DOT_PREC)
         p = tl.math.exp2(s * sm_scale_log2 - lse[:, None] * 1.4426950408889634)
         p = tl.where(n_ok[None, :] & m_ok[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dp = _mma(do, tl.trans(v), DOT_PREC)
         if DROPOUT:
             keep = philox_keep(seed, rng_rows[:, None] + cols[None, :].to(tl.int64), drop_thresh)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        dq += _mma(_to(ds, k.dtype, DOT_PREC), k, DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + (q_start + rows[:, None]) * sdqm
-             + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+             + offs_d[None, :] * sdqd, _to(dq, DQ.dtype.element_ty, DOT_PREC), mask=m_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------
@@ -354,6 +377,8 @@ def block_d(head_dim: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16 and _interpret():
+        return "f32up"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
