@@ -1,0 +1,165 @@
+// vlfast._C: the torch-free C++/CUDA kernels of vlfast.
+//
+// Python passes raw pointers (tensor.data_ptr()) and CUDA streams
+// (torch.cuda.current_stream().cuda_stream) as integers; every function validates
+// its scalar arguments and raises ValueError (std::invalid_argument) on bad ones.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "dropout/keep_mask.h"
+#include "dropout/philox.cuh"
+
+namespace py = pybind11;
+
+namespace {
+
+#ifndef VLFAST_BUILD_TYPE
+#define VLFAST_BUILD_TYPE "unknown"
+#endif
+#ifndef VLFAST_CUDA_ARCHS_STR
+#define VLFAST_CUDA_ARCHS_STR ""
+#endif
+#ifndef VLFAST_CUDA_COMPILER_VERSION
+#define VLFAST_CUDA_COMPILER_VERSION ""
+#endif
+
+std::string compiler_string() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + VLFAST_STRINGIFY(__GNUC__) "." VLFAST_STRINGIFY(__GNUC_MINOR__) "." VLFAST_STRINGIFY(
+             __GNUC_PATCHLEVEL__);
+#elif defined(_MSC_VER)
+  return std::string("msvc ") + VLFAST_STRINGIFY(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+std::string cxx_standard() {
+  switch (__cplusplus) {
+    case 201703L: return "C++17";
+    case 202002L: return "C++20";
+    case 202302L: return "C++23";
+    default: return "C++ (__cplusplus=" + std::to_string(static_cast<long long>(__cplusplus)) + ")";
+  }
+}
+
+[[noreturn]] void bad_arg(const std::string& msg) { throw std::invalid_argument(msg); }
+
+uint64_t to_seed(const py::int_& seed, const char* fn) {
+  const unsigned long long v = PyLong_AsUnsignedLongLong(seed.ptr());
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    bad_arg(std::string(fn) + ": seed must be an integer in [0, 2**64), got " + py::repr(seed).cast<std::string>());
+  }
+  return static_cast<uint64_t>(v);
+}
+
+// Shared checks of the keep-mask drivers; returns the threshold as uint32.
+uint32_t check_keep_mask_args(const char* fn, uintptr_t out_ptr, int64_t n, int64_t offset, int64_t threshold) {
+  if (n < 0) bad_arg(std::string(fn) + ": n must be >= 0, got " + std::to_string(n));
+  if (offset < 0) bad_arg(std::string(fn) + ": offset must be >= 0, got " + std::to_string(offset));
+  if (n > 0 && n - 1 > INT64_MAX - offset)
+    bad_arg(std::string(fn) + ": offset + n must be <= 2**63 (counters are int64), got offset=" +
+            std::to_string(offset) + ", n=" + std::to_string(n));
+  if (threshold < 0 || threshold > static_cast<int64_t>(vlfast::kDropoutThresholdMax))
+    bad_arg(std::string(fn) + ": threshold must be in [0, 2**24], got " + std::to_string(threshold));
+  if (n > 0 && out_ptr == 0) bad_arg(std::string(fn) + ": out_ptr is null but n=" + std::to_string(n));
+  return static_cast<uint32_t>(threshold);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vlfast's torch-free C++/CUDA kernels (raw pointers and CUDA streams passed as integers).";
+
+  m.def(
+      "has_cuda",
+      []() {
+#if defined(VLFAST_WITH_CUDA)
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when this module was compiled with its CUDA kernels (nvcc at build time).");
+
+  m.def(
+      "build_info",
+      []() {
+        py::dict d;
+        d["compiler"] = compiler_string();
+        d["cxx_standard"] = cxx_standard();
+#if defined(VLFAST_WITH_OPENMP)
+        d["openmp"] = true;
+#else
+        d["openmp"] = false;
+#endif
+        d["build_type"] = std::string(VLFAST_BUILD_TYPE);
+        d["pybind11"] = std::string(VLFAST_STRINGIFY(PYBIND11_VERSION_MAJOR) "." VLFAST_STRINGIFY(
+            PYBIND11_VERSION_MINOR) "." VLFAST_STRINGIFY(PYBIND11_VERSION_PATCH));
+#if defined(VLFAST_WITH_CUDA)
+        d["cuda"] = true;
+        const int v = vlfast::cuda_runtime_version_compiled();
+        d["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+        d["cuda_compiler_version"] = std::string(VLFAST_CUDA_COMPILER_VERSION);
+        d["cuda_archs"] = std::string(VLFAST_CUDA_ARCHS_STR);
+        d["cuda_runtime"] = std::string("static");
+#else
+        d["cuda"] = false;
+        d["cuda_version"] = py::none();
+        d["cuda_compiler_version"] = py::none();
+        d["cuda_archs"] = py::none();
+        d["cuda_runtime"] = py::none();
+#endif
+        return d;
+      },
+      "How this module was built: compiler, cxx_standard, openmp, build_type, pybind11, cuda, cuda_version, "
+      "cuda_compiler_version, cuda_archs, cuda_runtime.");
+
+  m.def(
+      "keep_mask_cpu",
+      [](uintptr_t out_ptr, int64_t n, const py::int_& seed, int64_t offset, int64_t threshold) {
+        const uint32_t thr = check_keep_mask_args("keep_mask_cpu", out_ptr, n, offset, threshold);
+        const uint64_t s = to_seed(seed, "keep_mask_cpu");
+        py::gil_scoped_release release;
+        vlfast::keep_mask_cpu(reinterpret_cast<uint8_t*>(out_ptr), n, s, offset, thr);
+      },
+      py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
+      "Write out[i] = philox_keep(seed, offset + i, threshold) (0/1 bytes) for i in [0, n) into the host "
+      "buffer at out_ptr (n bytes, e.g. a contiguous torch.bool tensor's data_ptr()).");
+
+  m.def(
+      "philox_u32",
+      [](const py::int_& seed, const py::int_& counter) {
+        const uint64_t s = to_seed(seed, "philox_u32");
+        const unsigned long long c = PyLong_AsUnsignedLongLong(counter.ptr());
+        if (c == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+          PyErr_Clear();
+          bad_arg("philox_u32: counter must be an integer in [0, 2**64), got " +
+                  py::repr(counter).cast<std::string>());
+        }
+        return vlfast::philox_u32(s, static_cast<uint64_t>(c));
+      },
+      py::arg("seed"), py::arg("counter"),
+      "First output word of Philox4x32-10 with key (seed lo, seed hi) and counter (lo, hi, 0, 0); for tests.");
+
+#if defined(VLFAST_WITH_CUDA)
+  m.def(
+      "keep_mask_cuda",
+      [](uintptr_t out_ptr, int64_t n, const py::int_& seed, int64_t offset, int64_t threshold, uintptr_t stream) {
+        const uint32_t thr = check_keep_mask_args("keep_mask_cuda", out_ptr, n, offset, threshold);
+        const uint64_t s = to_seed(seed, "keep_mask_cuda");
+        py::gil_scoped_release release;
+        vlfast::keep_mask_cuda(reinterpret_cast<uint8_t*>(out_ptr), n, s, offset, thr, stream);
+      },
+      py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
+      py::arg("stream") = 0,
+      "CUDA version of keep_mask_cpu: out_ptr is device memory, stream a cudaStream_t as an integer "
+      "(torch.cuda.current_stream().cuda_stream). Asynchronous; raises RuntimeError when the launch fails.");
+#endif
+}
