@@ -229,12 +229,26 @@ class CleanBuildPy(build_py):
         super().run()
 
 
+def _subpackages(folder: Path) -> list[str]:
+    """Dotted names of the folders under ``folder`` that hold Python code: regular packages
+    (find_packages) and also folders of .py files without an ``__init__.py`` (installed as
+    namespace packages, so a new kernels/<op>/ is never silently left out)."""
+    found = set(find_packages(str(folder)))
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")
+                       and not d.endswith(".egg-info")]
+        rel = Path(dirpath).relative_to(folder)
+        if rel.parts and any(f.endswith(".py") for f in filenames):
+            found.add(".".join(rel.parts))
+    return sorted(found)
+
+
 def _packages() -> tuple[list[str], dict[str, str]]:
     packages = ["vlfast", "vlfast.kernels", "vlfast.training"]
     package_dir = {"vlfast": "vlfast", "vlfast.kernels": "kernels", "vlfast.training": "training"}
     for prefix, folder in (("vlfast", "vlfast"), ("vlfast.kernels", "kernels"), ("vlfast.training", "training")):
         if (ROOT / folder).is_dir():
-            packages += [f"{prefix}.{p}" for p in find_packages(str(ROOT / folder))]
+            packages += [f"{prefix}.{p}" for p in _subpackages(ROOT / folder)]
     return sorted(set(packages)), package_dir
 
 
