@@ -1,0 +1,1 @@
+"""Co-attention: both directions of ViLBERT's co-attentional layer in one launch."""

@@ -1,0 +1,1 @@
+"""Attention: padded and packed varlen (reference, Triton kernel, custom ops)."""
