@@ -63,7 +63,8 @@ def test_build_info_keys():
     assert info["cuda"] == C.has_cuda()
     if C.has_cuda():
         assert info["cuda_version"] and info["cuda_archs"]
-        assert all(a.rstrip("af").isdigit() for a in info["cuda_archs"].split(","))
+        if info["cuda_archs"] not in ("native", "all", "all-major"):
+            assert all(a.rstrip("af").isdigit() for a in info["cuda_archs"].split(","))
         assert info["cuda_runtime"] == "static"
 
 

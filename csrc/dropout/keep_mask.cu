@@ -55,11 +55,47 @@ void check_launch(const char* what) {
   }
 }
 
+void check_call(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("vlfast._C.keep_mask_cuda: ") + what + " failed: " + cudaGetErrorName(err) +
+                             " (" + cudaGetErrorString(err) + ")");
+  }
+}
+
+// Makes the device that owns `ptr` current for the scope (vlfast._C carries its own static
+// CUDA runtime, so it must not rely on another runtime's notion of the current device).
+class PointerDeviceGuard {
+ public:
+  explicit PointerDeviceGuard(const void* ptr) {
+    cudaPointerAttributes attr{};
+    check_call(cudaPointerGetAttributes(&attr, ptr), "cudaPointerGetAttributes(out_ptr)");
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+      throw std::invalid_argument("vlfast._C.keep_mask_cuda: out_ptr is not CUDA device memory (pass a CUDA "
+                                  "tensor's data_ptr(), or use keep_mask_cpu for host memory)");
+    }
+    check_call(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (attr.device != prev_) {
+      check_call(cudaSetDevice(attr.device), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~PointerDeviceGuard() {
+    if (switched_) cudaSetDevice(prev_);
+  }
+  PointerDeviceGuard(const PointerDeviceGuard&) = delete;
+  PointerDeviceGuard& operator=(const PointerDeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool switched_ = false;
+};
+
 }  // namespace
 
 void keep_mask_cuda(uint8_t* out, int64_t n, uint64_t seed, int64_t offset, uint32_t threshold,
                     uintptr_t stream_handle) {
   if (n <= 0) return;
+  PointerDeviceGuard device_guard(out);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const uint64_t base = static_cast<uint64_t>(offset);
   int64_t head = 0;

@@ -10,8 +10,9 @@ void keep_mask_cpu(uint8_t* out, int64_t n, uint64_t seed, int64_t offset, uint3
 
 #if defined(VLFAST_WITH_CUDA)
 // CUDA: `out` is device memory of n bytes; `stream` is a cudaStream_t cast to an
-// integer (0 = the legacy default stream).  Asynchronous on that stream; throws
-// std::runtime_error with CUDA's message when the launch fails.
+// integer (0 = the legacy default stream).  Runs on the device that owns `out`,
+// asynchronously on that stream; throws std::invalid_argument when `out` is not device
+// memory and std::runtime_error with CUDA's message when a CUDA call fails.
 void keep_mask_cuda(uint8_t* out, int64_t n, uint64_t seed, int64_t offset, uint32_t threshold,
                     uintptr_t stream);
 
