@@ -154,11 +154,11 @@ def run(cfg: Optional[DemoConfig] = None, log_every: int = 50, quiet: bool = Fal
         loss.backward()
         opt.step()
         sched.step()
+        last = loss.item()
         if step == 1:
-            first = float(loss)
-        last = float(loss)
+            first = last
         if step % log_every == 0 or step == 1:
-            say(f"  step {step:4d}  loss {float(loss):.3f}")
+            say(f"  step {step:4d}  loss {last:.3f}")
     model.eval()
     eval_g = torch.Generator().manual_seed(cfg.seed + 1)
     with torch.no_grad():

@@ -360,16 +360,23 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(head_dim: int, interpret: bool) -> TileConfig:
-    """Block sizes for a head dim.  Under the interpreter, small blocks keep the CPU
-    run short and still exercise several blocks at L = 37 or 129."""
+def tile_config(head_dim: int, elem_bytes: int, interpret: bool) -> TileConfig:
+    """Block sizes for a head dim and element size.
+
+    Under the interpreter, small blocks keep the CPU run short and still exercise
+    several blocks at L = 37 or 129.  On GPU the row width (padded head dim x element
+    bytes) decides: tiles of q, k and v (times the pipeline stages) must fit in shared
+    memory on sm_80+ (164-228 KB); D = 128 in fp32 or D = 256 in half gets narrower
+    tiles.  Starting points, not yet measured on hardware.
+    """
     if interpret:
         return TileConfig(32, 32, 32, 32, 4, 1)
-    if head_dim <= 64:
+    width = block_d(head_dim) * elem_bytes
+    if width <= 128:
         return TileConfig(128, 64, 64, 64, 4, 3)
-    if head_dim <= 128:
+    if width <= 256:
         return TileConfig(128, 64, 64, 64, 8, 2)
-    return TileConfig(64, 32, 32, 32, 8, 2)
+    return TileConfig(64, 32, 32, 32, 4, 2)
 
 
 def block_d(head_dim: int) -> int:
@@ -492,7 +499,7 @@ def row_delta(out: Tensor, do: Tensor) -> Tensor:
 
 def forward(p: Problem, scale: float, dropout_p: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
     """Run the forward kernel: returns out (like q) and lse (fp32)."""
-    cfg = tile_config(p.q.shape[-1], _interpret())
+    cfg = tile_config(p.q.shape[-1], p.q.element_size(), _interpret())
     out = torch.empty_like(p.q)
     lse = new_lse(p)
     grid = (triton.cdiv(max(p.lq, 1), cfg.fwd_m), p.batch * p.heads)
@@ -505,7 +512,7 @@ def forward(p: Problem, scale: float, dropout_p: float, seed: int, offset: int) 
 def backward(p: Problem, do: Tensor, out: Tensor, lse: Tensor, scale: float, dropout_p: float,
              seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:
     """Run the two backward kernels: returns dq, dk, dv (like q, k, v)."""
-    cfg = tile_config(p.q.shape[-1], _interpret())
+    cfg = tile_config(p.q.shape[-1], p.q.element_size(), _interpret())
     delta = row_delta(out, do)
     dq = torch.empty_like(p.q)
     dk = torch.empty_like(p.k)

@@ -147,7 +147,7 @@ def forward(q_t: Tensor, k_t: Tensor, v_t: Tensor, t_mask: Optional[Tensor], q_v
     """Returns (ctx_t, ctx_v, lse_t, lse_v) from one launch."""
     pa = _problem(q_t, k_v, v_v, v_mask)
     pb = _problem(q_v, k_t, v_t, t_mask)
-    cfg = at.tile_config(q_t.shape[-1], at._interpret())
+    cfg = at.tile_config(q_t.shape[-1], q_t.element_size(), at._interpret())
     out_a, out_b = torch.empty_like(q_t), torch.empty_like(q_v)
     lse_a, lse_b = at.new_lse(pa), at.new_lse(pb)
     args_a = at.fwd_args(pa, out_a, lse_a, scale, dropout_p, seed, offset)
@@ -167,7 +167,7 @@ def backward(dctx_t: Tensor, dctx_v: Tensor, q_t: Tensor, k_t: Tensor, v_t: Tens
     """Returns (dq_t, dk_t, dv_t, dq_v, dk_v, dv_v) from two launches."""
     pa = _problem(q_t, k_v, v_v, v_mask)
     pb = _problem(q_v, k_t, v_t, t_mask)
-    cfg = at.tile_config(q_t.shape[-1], at._interpret())
+    cfg = at.tile_config(q_t.shape[-1], q_t.element_size(), at._interpret())
     delta_a = at.row_delta(ctx_t, dctx_t)
     delta_b = at.row_delta(ctx_v, dctx_v)
     dq_t, dq_v = torch.empty_like(q_t), torch.empty_like(q_v)
