@@ -69,6 +69,16 @@ def _to(x, dtype: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _any(ok, HAS_MASK: tl.constexpr):
+    """Whether a key block has a real key (always, when there is no key mask: blocks
+    start inside the sequence)."""
+    if HAS_MASK:
+        return tl.max(ok.to(tl.int32), 0) > 0
+    else:
+        return tl.max(ok.to(tl.int32), 0) >= 0
+
+
+@triton.jit
 def _seq_bounds(b, CU, L, IS_VARLEN: tl.constexpr):
     """(start row, length) of sequence b."""
     if IS_VARLEN:
@@ -128,22 +138,24 @@ def _fwd_tile(pid_m, b, h,
         if HAS_MASK:
             km = tl.load(KMASK + b.to(tl.int64) * skmb + cols * skmn, mask=n_ok, other=0)
             n_ok = n_ok & (km != 0)
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(cols < len_k)[:, None] & d_ok[None, :], other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PREC) * sm_scale_log2
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = philox_keep(seed, rng_rows[:, None] + cols[None, :].to(tl.int64), drop_thresh)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
-                    mask=(cols < len_k)[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mma(_to(p, v.dtype, DOT_PREC), v, DOT_PREC)
-        m_i = m_new
+        # a block of padding keys (all masked) costs a mask load, no matmul
+        if _any(n_ok, HAS_MASK):
+            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
+                        mask=(cols < len_k)[:, None] & d_ok[None, :], other=0.0)
+            s = _mma(q, tl.trans(k), DOT_PREC) * sm_scale_log2
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                keep = philox_keep(seed, rng_rows[:, None] + cols[None, :].to(tl.int64), drop_thresh)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
+                        mask=(cols < len_k)[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + _mma(_to(p, v.dtype, DOT_PREC), v, DOT_PREC)
+            m_i = m_new
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
@@ -195,7 +207,9 @@ def _bwd_dkdv_tile(pid_n, b, h,
     if DROPOUT:
         rng_row0, rng_rs = _rng_base(b, h, H, q_start, LQ, LK, IS_VARLEN)
 
-    for start_m in range(0, len_q, BLOCK_M):
+    # a block of padding keys (all masked) gets zero gradients without a loop
+    q_end = tl.where(_any(n_ok, HAS_MASK), len_q, 0)
+    for start_m in range(0, q_end, BLOCK_M):
         rows = start_m + offs_m
         m_ok = rows < len_q
         q = tl.load(q_base + rows[:, None] * sqm + offs_d[None, :] * sqd,
@@ -267,19 +281,20 @@ def _bwd_dq_tile(pid_m, b, h,
         if HAS_MASK:
             km = tl.load(KMASK + b.to(tl.int64) * skmb + cols * skmn, mask=n_in, other=0)
             n_ok = n_ok & (km != 0)
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_in[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_in[:, None] & d_ok[None, :], other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PREC)
-        p = tl.math.exp2(s * sm_scale_log2 - lse[:, None] * 1.4426950408889634)
-        p = tl.where(n_ok[None, :] & m_ok[:, None], p, 0.0)
-        dp = _mma(do, tl.trans(v), DOT_PREC)
-        if DROPOUT:
-            keep = philox_keep(seed, rng_rows[:, None] + cols[None, :].to(tl.int64), drop_thresh)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _mma(_to(ds, k.dtype, DOT_PREC), k, DOT_PREC)
+        if _any(n_ok, HAS_MASK):
+            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
+                        mask=n_in[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
+                        mask=n_in[:, None] & d_ok[None, :], other=0.0)
+            s = _mma(q, tl.trans(k), DOT_PREC)
+            p = tl.math.exp2(s * sm_scale_log2 - lse[:, None] * 1.4426950408889634)
+            p = tl.where(n_ok[None, :] & m_ok[:, None], p, 0.0)
+            dp = _mma(do, tl.trans(v), DOT_PREC)
+            if DROPOUT:
+                keep = philox_keep(seed, rng_rows[:, None] + cols[None, :].to(tl.int64), drop_thresh)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += _mma(_to(ds, k.dtype, DOT_PREC), k, DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + (q_start + rows[:, None]) * sdqm

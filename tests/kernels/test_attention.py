@@ -95,6 +95,23 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(backend):
     assert out[0].abs().sum() > 0 and dk[0].abs().sum() > 0
 
 
+def test_whole_blocks_of_padding_keys():
+    """Key blocks with no real key are skipped by the kernels (forward, dK/dV, dQ);
+    results must not change.  Real keys sit in two islands with masked blocks between
+    and after them."""
+    q, k, v, _, do = make(2, 2, 40, 161, 32, seed=9)
+    km = torch.zeros(2, 161, dtype=torch.bool, device=DEV)
+    km[0, 3:12] = True
+    km[0, 100:105] = True
+    km[1, 64:70] = True
+    with ops.backend("triton"):
+        got = fwd_bwd(lambda a, b, c: ops.attention(a, b, c, km), q, k, v, do)
+    want = oracle(q, k, v, km, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b, atol=3e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert (got[2][0, :, 12:100] == 0).all() and (got[3][0, :, 105:] == 0).all()
+
+
 def test_custom_scale_and_noncontiguous_inputs():
     B, L, H, D = 2, 21, 3, 32
     g = torch.Generator().manual_seed(5)
