@@ -44,6 +44,11 @@ for _op in ("attention", "varlen_attention"):
                           checks={"reference": _dispatch.check_reference, "triton": _check_triton_inputs})
 
 
+def lse_dtype(q: Tensor) -> torch.dtype:
+    """dtype of the saved log-sum-exp: fp64 for fp64 inputs (the oracle path), else fp32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _resolve(op: str, backend: str, q: Tensor) -> str:
     return _dispatch.select(op, q.device.type, requested=backend, head_dim=q.shape[-1], dtype=q.dtype)
 
@@ -88,16 +93,20 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], d
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if q.numel() == 0 or Lk == 0:
-        return torch.zeros_like(q), torch.full((B, H, Lq), float("inf"), dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), torch.full((B, H, Lq), float("inf"), dtype=lse_dtype(q), device=q.device)
     if b == "triton":
         return _triton().forward(_padded_problem(q, k, v, key_mask), scale, dropout_p, seed, offset)
     keep = attention_keep_mask(B, H, Lq, Lk, dropout_p, seed, offset, q.device) if dropout_p > 0 else None
     out, lse = ref.attention_forward(q, k, v, key_mask, dropout_p=dropout_p, scale=scale, keep_mask=keep)
-    return _like(q, out), lse.float()
+    return _like(q, out), lse.to(lse_dtype(q))
 
 
 def _like(template: Tensor, value: Tensor) -> Tensor:
-    """``value`` laid out like ``torch.empty_like(template)`` (what the fake impl promises)."""
+    """``value`` laid out like ``torch.empty_like(template)`` (what the fake impl
+    promises); no copy when it already is."""
+    want = torch.empty_like(template, device="meta").stride()
+    if value.stride() == want and value.dtype == template.dtype and value.storage_offset() == 0:
+        return value
     out = torch.empty_like(template, dtype=value.dtype)
     out.copy_(value)
     return out
@@ -105,7 +114,7 @@ def _like(template: Tensor, value: Tensor) -> Tensor:
 
 @attention_fwd.register_fake
 def _(q, k, v, key_mask, dropout_p, scale, seed, offset, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q))
 
 
 @torch.library.custom_op("vlfast::attention_bwd", mutates_args=())
@@ -120,7 +129,8 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optiona
     if b == "triton":
         return _triton().backward(_padded_problem(q, k, v, key_mask), do, out, lse, scale, dropout_p, seed, offset)
     keep = attention_keep_mask(B, H, Lq, Lk, dropout_p, seed, offset, q.device) if dropout_p > 0 else None
-    dq, dk, dv = ref.attention_backward(do, q, k, v, key_mask, dropout_p=dropout_p, scale=scale, keep_mask=keep)
+    dq, dk, dv = ref.attention_backward(do, q, k, v, key_mask, out, lse, dropout_p=dropout_p, scale=scale,
+                                        keep_mask=keep)
     return _like(q, dq), _like(k, dk), _like(v, dv)
 
 
@@ -224,7 +234,7 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
         _check_cu_values(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     b = _resolve(op, backend, q)
     if q.numel() == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
-        return torch.zeros_like(q), torch.full(q.shape[:2], float("inf"), dtype=torch.float32, device=q.device)
+        return torch.zeros_like(q), torch.full(q.shape[:2], float("inf"), dtype=lse_dtype(q), device=q.device)
     if b == "triton":
         return _triton().forward(_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
                                  scale, dropout_p, seed, offset)
@@ -232,12 +242,12 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
             if dropout_p > 0 else None)
     out, lse = ref.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, dropout_p=dropout_p,
                                   scale=scale, keep_mask=keep)
-    return _like(q, out), lse
+    return _like(q, out), lse.to(lse_dtype(q))
 
 
 @varlen_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, seed, offset, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=lse_dtype(q))
 
 
 @torch.library.custom_op("vlfast::varlen_attention_bwd", mutates_args=())
@@ -252,7 +262,7 @@ def varlen_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens
         return _triton().backward(p, do, out, lse, scale, dropout_p, seed, offset)
     keep = (varlen_keep_mask(q.shape[0], q.shape[1], max_seqlen_k, dropout_p, seed, offset, q.device)
             if dropout_p > 0 else None)
-    dq, dk, dv = ref.varlen_backward(do, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k,
+    dq, dk, dv = ref.varlen_backward(do, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, max_seqlen_k,
                                      dropout_p=dropout_p, scale=scale, keep_mask=keep)
     return _like(q, dq), _like(k, dk), _like(v, dv)
 

@@ -49,58 +49,86 @@ def attention_probs(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: flo
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None, *,
                         dropout_p: float = 0.0, scale: Optional[float] = None,
                         keep_mask: Optional[Tensor] = None) -> Tensor:
-    """softmax(q k^T * scale, masked) [* keep/(1-p)] @ v.
+    """The oracle: softmax(q k^T * scale, masked) [* keep/(1-p)] @ v, differentiable by
+    autograd.
 
     q (B,H,Lq,D), k/v (B,H,Lk,D), key_mask (B,Lk) bool (True = real key),
     keep_mask (B,H,Lq,Lk) bool, required when dropout_p > 0.  Returns (B,H,Lq,D) in
     q's dtype.
     """
-    out, _ = attention_forward(q, k, v, key_mask, dropout_p=dropout_p, scale=scale, keep_mask=keep_mask)
-    return out
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    ct = _compute_dtype(q)
+    p, _ = attention_probs(q, k, key_mask, scale)
+    if dropout_p > 0.0:
+        if keep_mask is None:
+            raise ValueError("attention_reference: dropout_p > 0 needs keep_mask (B,H,Lq,Lk)")
+        p = p * keep_mask.to(ct) * (1.0 / (1.0 - dropout_p))
+    return torch.matmul(p, v.to(ct)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# The CPU path: the same math written for speed (log-sum-exp saved by the forward,
+# in-place elementwise work, delta = rowsum(dO * O) in the backward), checked against
+# the oracle above by the tests.
+# ----------------------------------------------------------------------------------
+
+def _probs_from_lse(q: Tensor, k: Tensor, key_mask: Optional[Tensor], lse: Tensor, scale: float) -> Tensor:
+    """P = exp(q k^T * scale - lse), 0 on masked keys and on rows with lse = +inf."""
+    ct = _compute_dtype(q)
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)).mul_(scale)
+    if key_mask is not None:
+        s.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+    return s.sub_(lse.to(ct)[..., None]).exp_()
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *,
                       dropout_p: float = 0.0, scale: Optional[float] = None,
                       keep_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Like :func:`attention_reference` but also returns lse (B,H,Lq) fp32 (+inf on
-    rows with no real key)."""
+    """Forward of the CPU path: out (B,H,Lq,D) in q's dtype and lse (B,H,Lq) in the
+    compute dtype (+inf on rows with no real key, so P = exp(S - lse) is 0 there)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     ct = _compute_dtype(q)
-    p, lse = attention_probs(q, k, key_mask, scale)
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)).mul_(scale)
+    if key_mask is not None:
+        s.masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    if key_mask is not None:
+        lse.masked_fill_(lse == float("-inf"), float("inf"))
+    p = s.sub_(lse[..., None]).exp_()
     if dropout_p > 0.0:
         if keep_mask is None:
-            raise ValueError("attention_reference: dropout_p > 0 needs keep_mask (B,H,Lq,Lk)")
-        p = p * keep_mask.to(ct) * (1.0 / (1.0 - dropout_p))
-    out = torch.matmul(p, v.to(ct))
-    return out.to(q.dtype), lse.to(torch.float32 if ct == torch.float32 else ct)
+            raise ValueError("attention_forward: dropout_p > 0 needs keep_mask (B,H,Lq,Lk)")
+        p.mul_(keep_mask).mul_(1.0 / (1.0 - dropout_p))
+    return torch.matmul(p, v.to(ct)).to(q.dtype), lse
 
 
-def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *,
-                       dropout_p: float, scale: float,
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], out: Tensor,
+                       lse: Tensor, *, dropout_p: float, scale: float,
                        keep_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of :func:`attention_reference`, written out:
+    """Gradients (dq, dk, dv) of the attention forward, given its out and lse:
 
-    Pd = P * keep/(1-p); dV = Pd^T dO; dP = (dO V^T) * keep/(1-p);
-    dS = P * (dP - rowsum(P * dP)); dQ = scale * dS K; dK = scale * dS^T Q.
-    (Explicit, because custom-op implementations run below autograd.)
+    P = exp(S - lse); Pd = P * keep/(1-p); dV = Pd^T dO; dP = (dO V^T) * keep/(1-p);
+    dS = P * (dP - rowsum(dO * O)); dQ = scale * dS K; dK = scale * dS^T Q.
+    (Written out, because custom-op implementations run below autograd.)
     """
     ct = _compute_dtype(q)
-    p, _ = attention_probs(q, k, key_mask, scale)
-    do_, v_ = do.to(ct), v.to(ct)
-    dp = torch.matmul(do_, v_.transpose(-1, -2))
+    p = _probs_from_lse(q, k, key_mask, lse, scale)
+    do_ = do.to(ct)
+    dp = torch.matmul(do_, v.to(ct).transpose(-1, -2))
     if dropout_p > 0.0:
         if keep_mask is None:
             raise ValueError("attention_backward: dropout_p > 0 needs keep_mask (B,H,Lq,Lk)")
-        drop = keep_mask.to(ct) * (1.0 / (1.0 - dropout_p))
-        pd = p * drop
-        dp = dp * drop
+        drop = keep_mask.to(ct).mul_(1.0 / (1.0 - dropout_p))
+        dv = torch.matmul((p * drop).transpose(-1, -2), do_)
+        dp.mul_(drop)
     else:
-        pd = p
-    dv = torch.matmul(pd.transpose(-1, -2), do_)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    dq = torch.matmul(ds, k.to(ct)) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(ct)) * scale
+        dv = torch.matmul(p.transpose(-1, -2), do_)
+    delta = (do_ * out.to(ct)).sum(-1, keepdim=True)
+    ds = dp.sub_(delta).mul_(p)
+    dq = torch.matmul(ds, k.to(ct)).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(ct)).mul_(scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -110,61 +138,69 @@ def varlen_split(cu_seqlens: Tensor) -> list[tuple[int, int]]:
     return [(c[i], c[i + 1]) for i in range(len(c) - 1)]
 
 
-def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                   max_seqlen_k: int, *, dropout_p: float = 0.0, scale: Optional[float] = None,
-                   keep_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Packed attention, each sequence alone.
+def _seq(t: Tensor, a: int, b: int) -> Tensor:
+    """Rows a:b of a packed (total,H,...) tensor as a batch of one: (1,H,b-a,...)."""
+    return t[a:b].transpose(0, 1)[None]
 
-    q (total_q,H,D), k/v (total_k,H,D), cu_seqlens (B+1,) int32, keep_mask
-    (total_q,H,max_seqlen_k) bool when dropout_p > 0 (row r of sequence b, key j of
-    that sequence).  Returns out (total_q,H,D) in q's dtype and lse (total_q,H) fp32.
-    """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:2], float("inf"), dtype=torch.float32, device=q.device)
-    for (qs, qe), (ks, ke) in zip(varlen_split(cu_seqlens_q), varlen_split(cu_seqlens_k)):
-        if qe == qs:
-            continue
-        qb = q[qs:qe].transpose(0, 1)[None]
-        kb = k[ks:ke].transpose(0, 1)[None]
-        vb = v[ks:ke].transpose(0, 1)[None]
-        km = None
-        if dropout_p > 0.0:
-            if keep_mask is None:
-                raise ValueError("varlen_attention reference: dropout_p > 0 needs keep_mask (total_q,H,max_seqlen_k)")
-            km = keep_mask[qs:qe, :, : ke - ks].transpose(0, 1)[None]
-        if ke == ks:
-            continue  # no keys: zeros, lse +inf
-        o, l_ = attention_forward(qb, kb, vb, None, dropout_p=dropout_p, scale=scale, keep_mask=km)
-        out[qs:qe] = o[0].transpose(0, 1)
-        lse[qs:qe] = l_[0].transpose(0, 1).float()
-    return out, lse
+
+def _seq_keep(keep_mask: Optional[Tensor], qs: int, qe: int, nk: int, dropout_p: float) -> Optional[Tensor]:
+    if dropout_p <= 0.0:
+        return None
+    if keep_mask is None:
+        raise ValueError("varlen attention: dropout_p > 0 needs keep_mask (total_q,H,max_seqlen_k)")
+    return _seq(keep_mask[:, :, :nk], qs, qe)
 
 
 def varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_k: int, *, dropout_p: float = 0.0, scale: Optional[float] = None,
                      keep_mask: Optional[Tensor] = None) -> Tensor:
-    """Output (total_q,H,D) of :func:`varlen_forward`."""
-    return varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k,
-                          dropout_p=dropout_p, scale=scale, keep_mask=keep_mask)[0]
+    """The oracle for packed attention: :func:`attention_reference` on each sequence
+    alone.
+
+    q (total_q,H,D), k/v (total_k,H,D), cu_seqlens (B+1,) int32, keep_mask
+    (total_q,H,max_seqlen_k) bool when dropout_p > 0 (row r of sequence b, key j of
+    that sequence).  Returns (total_q,H,D); rows of a sequence with no key are 0.
+    """
+    parts = []
+    for (qs, qe), (ks, ke) in zip(varlen_split(cu_seqlens_q), varlen_split(cu_seqlens_k)):
+        if ke == ks:
+            parts.append(torch.zeros_like(q[qs:qe]))
+            continue
+        o = attention_reference(_seq(q, qs, qe), _seq(k, ks, ke), _seq(v, ks, ke), None, dropout_p=dropout_p,
+                                scale=scale, keep_mask=_seq_keep(keep_mask, qs, qe, ke - ks, dropout_p))
+        parts.append(o[0].transpose(0, 1))
+    return torch.cat(parts) if parts else torch.zeros_like(q)
+
+
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                   max_seqlen_k: int, *, dropout_p: float = 0.0, scale: Optional[float] = None,
+                   keep_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """CPU path of packed attention, sequence by sequence: out (total_q,H,D) in q's
+    dtype and lse (total_q,H) in the compute dtype (+inf where a row has no key)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], float("inf"), dtype=_compute_dtype(q), device=q.device)
+    for (qs, qe), (ks, ke) in zip(varlen_split(cu_seqlens_q), varlen_split(cu_seqlens_k)):
+        if qe == qs or ke == ks:
+            continue
+        o, l_ = attention_forward(_seq(q, qs, qe), _seq(k, ks, ke), _seq(v, ks, ke), None, dropout_p=dropout_p,
+                                  scale=scale, keep_mask=_seq_keep(keep_mask, qs, qe, ke - ks, dropout_p))
+        out[qs:qe] = o[0].transpose(0, 1)
+        lse[qs:qe] = l_[0].transpose(0, 1)
+    return out, lse
 
 
 def varlen_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                    max_seqlen_k: int, *, dropout_p: float, scale: float,
+                    out: Tensor, lse: Tensor, max_seqlen_k: int, *, dropout_p: float, scale: float,
                     keep_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of :func:`varlen_reference`, sequence by sequence."""
+    """Gradients (dq, dk, dv) of :func:`varlen_forward`, sequence by sequence."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for (qs, qe), (ks, ke) in zip(varlen_split(cu_seqlens_q), varlen_split(cu_seqlens_k)):
         if qe == qs or ke == ks:
             continue
-        km = None
-        if dropout_p > 0.0:
-            if keep_mask is None:
-                raise ValueError("varlen_backward: dropout_p > 0 needs keep_mask (total_q,H,max_seqlen_k)")
-            km = keep_mask[qs:qe, :, : ke - ks].transpose(0, 1)[None]
-        g = attention_backward(do[qs:qe].transpose(0, 1)[None], q[qs:qe].transpose(0, 1)[None],
-                               k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None], None,
-                               dropout_p=dropout_p, scale=scale, keep_mask=km)
+        g = attention_backward(_seq(do, qs, qe), _seq(q, qs, qe), _seq(k, ks, ke), _seq(v, ks, ke), None,
+                               _seq(out, qs, qe), lse[qs:qe].transpose(0, 1)[None], dropout_p=dropout_p,
+                               scale=scale, keep_mask=_seq_keep(keep_mask, qs, qe, ke - ks, dropout_p))
         dq[qs:qe], dk[ks:ke], dv[ks:ke] = (t[0].transpose(0, 1) for t in g)
     return dq, dk, dv

@@ -14,7 +14,8 @@ from torch import Tensor
 from vlfast import _dispatch
 from vlfast.kernels import _common as C
 from vlfast.kernels.attention import reference as aref
-from vlfast.kernels.attention.op import _check_triton_inputs, _like, attention_keep_mask, check_attention_inputs
+from vlfast.kernels.attention.op import (_check_triton_inputs, _like, attention_keep_mask, check_attention_inputs,
+                                         lse_dtype)
 
 _dispatch.register_op("co_attention", cuda_order=("triton",), cpu_order=(),
                       checks={"reference": _dispatch.check_reference, "triton": _check_triton_inputs})
@@ -45,8 +46,8 @@ def _keeps(q_t: Tensor, q_v: Tensor, dropout_p: float, seed: int, offset: int):
 
 def _empty_result(q_t, q_v):
     return (torch.zeros_like(q_t), torch.zeros_like(q_v),
-            torch.full(q_t.shape[:3], float("inf"), dtype=torch.float32, device=q_t.device),
-            torch.full(q_v.shape[:3], float("inf"), dtype=torch.float32, device=q_v.device))
+            torch.full(q_t.shape[:3], float("inf"), dtype=lse_dtype(q_t), device=q_t.device),
+            torch.full(q_v.shape[:3], float("inf"), dtype=lse_dtype(q_v), device=q_v.device))
 
 
 @torch.library.custom_op("vlfast::co_attention_fwd", mutates_args=())
@@ -63,13 +64,13 @@ def co_attention_fwd(q_t: Tensor, k_t: Tensor, v_t: Tensor, t_mask: Optional[Ten
     keep_t, keep_v = _keeps(q_t, q_v, dropout_p, seed, offset)
     ctx_t, lse_t = aref.attention_forward(q_t, k_v, v_v, v_mask, dropout_p=dropout_p, scale=scale, keep_mask=keep_t)
     ctx_v, lse_v = aref.attention_forward(q_v, k_t, v_t, t_mask, dropout_p=dropout_p, scale=scale, keep_mask=keep_v)
-    return _like(q_t, ctx_t), _like(q_v, ctx_v), lse_t.float(), lse_v.float()
+    return _like(q_t, ctx_t), _like(q_v, ctx_v), lse_t.to(lse_dtype(q_t)), lse_v.to(lse_dtype(q_v))
 
 
 @co_attention_fwd.register_fake
 def _(q_t, k_t, v_t, t_mask, q_v, k_v, v_v, v_mask, dropout_p, scale, seed, offset, backend):
-    return (torch.empty_like(q_t), torch.empty_like(q_v), q_t.new_empty(q_t.shape[:3], dtype=torch.float32),
-            q_v.new_empty(q_v.shape[:3], dtype=torch.float32))
+    return (torch.empty_like(q_t), torch.empty_like(q_v), q_t.new_empty(q_t.shape[:3], dtype=lse_dtype(q_t)),
+            q_v.new_empty(q_v.shape[:3], dtype=lse_dtype(q_v)))
 
 
 @torch.library.custom_op("vlfast::co_attention_bwd", mutates_args=())
@@ -85,10 +86,10 @@ def co_attention_bwd(dctx_t: Tensor, dctx_v: Tensor, q_t: Tensor, k_t: Tensor, v
         return _triton().backward(dctx_t, dctx_v, q_t, k_t, v_t, t_mask, q_v, k_v, v_v, v_mask, ctx_t, ctx_v,
                                   lse_t, lse_v, scale, dropout_p, seed, offset)
     keep_t, keep_v = _keeps(q_t, q_v, dropout_p, seed, offset)
-    dq_t, dk_v, dv_v = aref.attention_backward(dctx_t, q_t, k_v, v_v, v_mask, dropout_p=dropout_p, scale=scale,
-                                               keep_mask=keep_t)
-    dq_v, dk_t, dv_t = aref.attention_backward(dctx_v, q_v, k_t, v_t, t_mask, dropout_p=dropout_p, scale=scale,
-                                               keep_mask=keep_v)
+    dq_t, dk_v, dv_v = aref.attention_backward(dctx_t, q_t, k_v, v_v, v_mask, ctx_t, lse_t, dropout_p=dropout_p,
+                                               scale=scale, keep_mask=keep_t)
+    dq_v, dk_t, dv_t = aref.attention_backward(dctx_v, q_v, k_t, v_t, t_mask, ctx_v, lse_v, dropout_p=dropout_p,
+                                               scale=scale, keep_mask=keep_v)
     return (_like(q_t, dq_t), _like(k_t, dk_t), _like(v_t, dv_t), _like(q_v, dq_v), _like(k_v, dk_v),
             _like(v_v, dv_v))
 
