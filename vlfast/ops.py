@@ -11,9 +11,11 @@ from vlfast.kernels.attention.op import (attention, attention_keep_mask, varlen_
                                          varlen_keep_mask)
 from vlfast.kernels.co_attention.op import co_attention, co_attention_keep_masks
 from vlfast.kernels.dropout_mask import keep_mask
+from vlfast.kernels.ot.op import ipot, sinkhorn, wra_distance
 
 __all__ = [
     "BackendError", "backend", "requested_backend",
     "attention", "attention_keep_mask", "varlen_attention", "varlen_keep_mask",
     "co_attention", "co_attention_keep_masks", "keep_mask",
+    "ipot", "sinkhorn", "wra_distance",
 ]
