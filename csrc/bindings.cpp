@@ -5,12 +5,14 @@
 // its scalar arguments and raises ValueError (std::invalid_argument) on bad ones.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "dropout/keep_mask.h"
 #include "dropout/philox.cuh"
+#include "ot/ot.h"
 
 namespace py = pybind11;
 
@@ -70,6 +72,29 @@ uint32_t check_keep_mask_args(const char* fn, uintptr_t out_ptr, int64_t n, int6
     bad_arg(std::string(fn) + ": threshold must be in [0, 2**24], got " + std::to_string(threshold));
   if (n > 0 && out_ptr == 0) bad_arg(std::string(fn) + ": out_ptr is null but n=" + std::to_string(n));
   return static_cast<uint32_t>(threshold);
+}
+
+// Shared checks of the OT drivers.
+void check_ot_args(const char* fn, uintptr_t cost, uintptr_t xm, uintptr_t ym, uintptr_t plan, int64_t B, int64_t Lx,
+                   int64_t Ly, int n_iters) {
+  if (B < 0 || Lx < 0 || Ly < 0)
+    bad_arg(std::string(fn) + ": B, Lx, Ly must be >= 0, got " + std::to_string(B) + ", " + std::to_string(Lx) +
+            ", " + std::to_string(Ly));
+  if (Lx > INT32_MAX || Ly > INT32_MAX)
+    bad_arg(std::string(fn) + ": Lx and Ly must be < 2**31, got " + std::to_string(Lx) + ", " + std::to_string(Ly));
+  if (n_iters < 0) bad_arg(std::string(fn) + ": n_iters must be >= 0, got " + std::to_string(n_iters));
+  if (B * Lx * Ly > 0 && (cost == 0 || xm == 0 || ym == 0 || plan == 0))
+    bad_arg(std::string(fn) + ": a data pointer is null for a non-empty problem");
+}
+
+void check_positive(const char* fn, const char* name, double v) {
+  if (!(v > 0.0) || !std::isfinite(v))
+    bad_arg(std::string(fn) + ": " + name + " must be a finite float > 0, got " + std::to_string(v));
+}
+
+void check_log_mode(const char* fn, int log_mode) {
+  if (log_mode < -1 || log_mode > 1)
+    bad_arg(std::string(fn) + ": log_mode must be -1 (auto), 0 or 1, got " + std::to_string(log_mode));
 }
 
 }  // namespace
@@ -161,5 +186,88 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream") = 0,
       "CUDA version of keep_mask_cpu: out_ptr is device memory, stream a cudaStream_t as an integer "
       "(torch.cuda.current_stream().cuda_stream). Asynchronous; raises RuntimeError when the launch fails.");
+#endif
+
+  m.def(
+      "ipot_cpu",
+      [](uintptr_t cost, uintptr_t xm, uintptr_t ym, uintptr_t plan, int64_t B, int64_t Lx, int64_t Ly, double beta,
+         int n_iters, int k) {
+        check_ot_args("ipot_cpu", cost, xm, ym, plan, B, Lx, Ly, n_iters);
+        check_positive("ipot_cpu", "beta", beta);
+        if (k < 1) bad_arg("ipot_cpu: k must be >= 1, got " + std::to_string(k));
+        py::gil_scoped_release release;
+        vlfast::ot::ipot_cpu(reinterpret_cast<const float*>(cost), reinterpret_cast<const uint8_t*>(xm),
+                             reinterpret_cast<const uint8_t*>(ym), reinterpret_cast<float*>(plan), B,
+                             static_cast<int>(Lx), static_cast<int>(Ly), static_cast<float>(beta), n_iters, k);
+      },
+      py::arg("cost_ptr"), py::arg("x_mask_ptr"), py::arg("y_mask_ptr"), py::arg("plan_ptr"), py::arg("B"),
+      py::arg("Lx"), py::arg("Ly"), py::arg("beta"), py::arg("n_iters"), py::arg("k"),
+      "IPOT (UNITER's semantics) on B problems: cost (B,Lx,Ly) fp32, masks (B,Lx)/(B,Ly) bytes (nonzero = real), "
+      "plan (B,Lx,Ly) fp32 written whole; host memory, OpenMP over the batch.");
+
+  m.def(
+      "sinkhorn_cpu",
+      [](uintptr_t cost, uintptr_t xm, uintptr_t ym, uintptr_t plan, int64_t B, int64_t Lx, int64_t Ly, double eps,
+         int n_iters, int log_mode) {
+        check_ot_args("sinkhorn_cpu", cost, xm, ym, plan, B, Lx, Ly, n_iters);
+        check_positive("sinkhorn_cpu", "eps", eps);
+        check_log_mode("sinkhorn_cpu", log_mode);
+        py::gil_scoped_release release;
+        vlfast::ot::sinkhorn_cpu(reinterpret_cast<const float*>(cost), reinterpret_cast<const uint8_t*>(xm),
+                                 reinterpret_cast<const uint8_t*>(ym), reinterpret_cast<float*>(plan), B,
+                                 static_cast<int>(Lx), static_cast<int>(Ly), static_cast<float>(eps), n_iters,
+                                 log_mode);
+      },
+      py::arg("cost_ptr"), py::arg("x_mask_ptr"), py::arg("y_mask_ptr"), py::arg("plan_ptr"), py::arg("B"),
+      py::arg("Lx"), py::arg("Ly"), py::arg("eps"), py::arg("n_iters"), py::arg("log_mode"),
+      "Sinkhorn (uniform marginals over real entries, POT's order) on B problems; log_mode -1 = per problem by "
+      "cost range, 0 = scaling domain, 1 = log domain. Layout as ipot_cpu.");
+
+#if defined(VLFAST_WITH_CUDA)
+  m.def(
+      "ot_workspace_floats",
+      [](const std::string& solver, int64_t B, int64_t Lx, int64_t Ly, int device) {
+        if (B < 0 || Lx < 0 || Ly < 0 || Lx > INT32_MAX || Ly > INT32_MAX)
+          bad_arg("ot_workspace_floats: B, Lx, Ly must be >= 0 (Lx, Ly < 2**31)");
+        return vlfast::ot::workspace_floats(solver.c_str(), B, static_cast<int>(Lx), static_cast<int>(Ly), device);
+      },
+      py::arg("solver"), py::arg("B"), py::arg("Lx"), py::arg("Ly"), py::arg("device"),
+      "Floats of global workspace ipot_cuda/sinkhorn_cuda need (0 when a problem fits in shared memory).");
+
+  m.def(
+      "ipot_cuda",
+      [](uintptr_t cost, uintptr_t xm, uintptr_t ym, uintptr_t plan, uintptr_t ws, int64_t B, int64_t Lx, int64_t Ly,
+         double beta, int n_iters, int k, uintptr_t stream) {
+        check_ot_args("ipot_cuda", cost, xm, ym, plan, B, Lx, Ly, n_iters);
+        check_positive("ipot_cuda", "beta", beta);
+        if (k < 1) bad_arg("ipot_cuda: k must be >= 1, got " + std::to_string(k));
+        py::gil_scoped_release release;
+        vlfast::ot::ipot_cuda(reinterpret_cast<const float*>(cost), reinterpret_cast<const uint8_t*>(xm),
+                              reinterpret_cast<const uint8_t*>(ym), reinterpret_cast<float*>(plan),
+                              reinterpret_cast<float*>(ws), B, static_cast<int>(Lx), static_cast<int>(Ly),
+                              static_cast<float>(beta), n_iters, k, stream);
+      },
+      py::arg("cost_ptr"), py::arg("x_mask_ptr"), py::arg("y_mask_ptr"), py::arg("plan_ptr"),
+      py::arg("workspace_ptr"), py::arg("B"), py::arg("Lx"), py::arg("Ly"), py::arg("beta"), py::arg("n_iters"),
+      py::arg("k"), py::arg("stream") = 0,
+      "CUDA IPOT: one launch for the batch, a thread block per problem. Device pointers; asynchronous on stream.");
+
+  m.def(
+      "sinkhorn_cuda",
+      [](uintptr_t cost, uintptr_t xm, uintptr_t ym, uintptr_t plan, uintptr_t ws, int64_t B, int64_t Lx, int64_t Ly,
+         double eps, int n_iters, int log_mode, uintptr_t stream) {
+        check_ot_args("sinkhorn_cuda", cost, xm, ym, plan, B, Lx, Ly, n_iters);
+        check_positive("sinkhorn_cuda", "eps", eps);
+        check_log_mode("sinkhorn_cuda", log_mode);
+        py::gil_scoped_release release;
+        vlfast::ot::sinkhorn_cuda(reinterpret_cast<const float*>(cost), reinterpret_cast<const uint8_t*>(xm),
+                                  reinterpret_cast<const uint8_t*>(ym), reinterpret_cast<float*>(plan),
+                                  reinterpret_cast<float*>(ws), B, static_cast<int>(Lx), static_cast<int>(Ly),
+                                  static_cast<float>(eps), n_iters, log_mode, stream);
+      },
+      py::arg("cost_ptr"), py::arg("x_mask_ptr"), py::arg("y_mask_ptr"), py::arg("plan_ptr"),
+      py::arg("workspace_ptr"), py::arg("B"), py::arg("Lx"), py::arg("Ly"), py::arg("eps"), py::arg("n_iters"),
+      py::arg("log_mode"), py::arg("stream") = 0,
+      "CUDA Sinkhorn (scaling or log domain per problem): one launch for the batch. Device pointers.");
 #endif
 }

@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_utils.cuh"
 #include "keep_mask.h"
 #include "philox.cuh"
 
@@ -47,55 +48,14 @@ unsigned int grid_for(int64_t work) {
   return static_cast<unsigned int>(blocks);
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("vlfast._C.keep_mask_cuda: launching ") + what + " failed: " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-  }
-}
-
-void check_call(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("vlfast._C.keep_mask_cuda: ") + what + " failed: " + cudaGetErrorName(err) +
-                             " (" + cudaGetErrorString(err) + ")");
-  }
-}
-
-// Makes the device that owns `ptr` current for the scope (vlfast._C carries its own static
-// CUDA runtime, so it must not rely on another runtime's notion of the current device).
-class PointerDeviceGuard {
- public:
-  explicit PointerDeviceGuard(const void* ptr) {
-    cudaPointerAttributes attr{};
-    check_call(cudaPointerGetAttributes(&attr, ptr), "cudaPointerGetAttributes(out_ptr)");
-    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
-      throw std::invalid_argument("vlfast._C.keep_mask_cuda: out_ptr is not CUDA device memory (pass a CUDA "
-                                  "tensor's data_ptr(), or use keep_mask_cpu for host memory)");
-    }
-    check_call(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (attr.device != prev_) {
-      check_call(cudaSetDevice(attr.device), "cudaSetDevice");
-      switched_ = true;
-    }
-  }
-  ~PointerDeviceGuard() {
-    if (switched_) cudaSetDevice(prev_);
-  }
-  PointerDeviceGuard(const PointerDeviceGuard&) = delete;
-  PointerDeviceGuard& operator=(const PointerDeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-  bool switched_ = false;
-};
+constexpr const char* kFn = "vlfast._C.keep_mask_cuda";
 
 }  // namespace
 
 void keep_mask_cuda(uint8_t* out, int64_t n, uint64_t seed, int64_t offset, uint32_t threshold,
                     uintptr_t stream_handle) {
   if (n <= 0) return;
-  PointerDeviceGuard device_guard(out);
+  PointerDeviceGuard device_guard(out, kFn, "out_ptr");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const uint64_t base = static_cast<uint64_t>(offset);
   int64_t head = 0;
@@ -104,7 +64,7 @@ void keep_mask_cuda(uint8_t* out, int64_t n, uint64_t seed, int64_t offset, uint
     if (n_vec > 0) {
       keep_mask_vec4_kernel<<<grid_for(n_vec), kThreads, 0, stream>>>(reinterpret_cast<uint32_t*>(out), n_vec,
                                                                       seed, base, threshold);
-      check_launch("keep_mask_vec4_kernel");
+      cuda_check_launch(kFn, "keep_mask_vec4_kernel");
       head = n_vec * kPerThread;
     }
   }
@@ -112,7 +72,7 @@ void keep_mask_cuda(uint8_t* out, int64_t n, uint64_t seed, int64_t offset, uint
   if (rest > 0) {
     keep_mask_scalar_kernel<<<grid_for(rest), kThreads, 0, stream>>>(out + head, rest, seed,
                                                                      base + static_cast<uint64_t>(head), threshold);
-    check_launch("keep_mask_scalar_kernel");
+    cuda_check_launch(kFn, "keep_mask_scalar_kernel");
   }
 }
 

@@ -28,9 +28,14 @@ def _ct(cost: Tensor) -> torch.dtype:
 
 
 def _prepare(cost: Tensor, x_mask: Tensor, y_mask: Tensor):
-    """(cost in the compute dtype, joint mask, n_x, n_y, min and max real cost)."""
+    """(cost in the compute dtype, joint mask, n_x, n_y, min and max real cost,
+    x_mask, y_mask); the returned masks are all False for a problem with no real
+    token or no real region, so its plan is all zero."""
     ct = _ct(cost)
     c = cost.to(ct)
+    ok = x_mask.any(1) & y_mask.any(1)
+    x_mask = x_mask & ok[:, None]
+    y_mask = y_mask & ok[:, None]
     joint = x_mask[:, :, None] & y_mask[:, None, :]
     nx = x_mask.sum(1).to(ct)
     ny = y_mask.sum(1).to(ct)
@@ -40,7 +45,7 @@ def _prepare(cost: Tensor, x_mask: Tensor, y_mask: Tensor):
     empty = ~joint.flatten(1).any(1)
     cmin = cmin.masked_fill(empty, 0.0)
     cmax = cmax.masked_fill(empty, 0.0)
-    return c, joint, nx, ny, cmin, cmax
+    return c, joint, nx, ny, cmin, cmax, x_mask, y_mask
 
 
 def _safe_recip(den: Tensor, mask: Tensor) -> Tensor:
@@ -55,7 +60,7 @@ def ipot_reference(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, beta: float 
     A = exp(-cost/beta) on real pairs; T = 1; s = 1/n_x; each iteration Q = A*T, then
     k times d = 1/(n_y Q^T s), s = 1/(n_x Q d); then T = diag(s) Q diag(d).
     """
-    c, joint, nx, ny, cmin, _ = _prepare(cost, x_mask, y_mask)
+    c, joint, nx, ny, cmin, _, x_mask, y_mask = _prepare(cost, x_mask, y_mask)
     A = torch.exp(-(c - cmin[:, None, None]) / beta) * joint
     T = joint.to(c.dtype)
     s = _safe_recip(nx[:, None].expand_as(x_mask), x_mask)
@@ -76,7 +81,7 @@ def sinkhorn_reference(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, eps: flo
     ``log_domain`` True/False forces the variant; None picks the log domain for each
     problem whose cost range / eps exceeds :data:`LOG_DOMAIN_RANGE`.
     """
-    c, joint, nx, ny, cmin, cmax = _prepare(cost, x_mask, y_mask)
+    c, joint, nx, ny, cmin, cmax, x_mask, y_mask = _prepare(cost, x_mask, y_mask)
     a = _safe_recip(nx[:, None].expand_as(x_mask), x_mask)
     b = _safe_recip(ny[:, None].expand_as(y_mask), y_mask)
     if log_domain is None:
