@@ -428,3 +428,21 @@ def test_bad_inputs():
         model(batch["input_ids"], visual_boxes=batch["visual_boxes"])
     with pytest.raises(ValueError, match="input_ids"):
         model(None)
+
+
+def test_convert_cli(tmp_path, capsys):
+    """python -m vlfast.convert --model uniter on a synthetic official checkpoint."""
+    from vlfast.convert import main
+
+    osd = random_official_sd(CFG, seed=19)
+    src = tmp_path / "uniter-small.pt"
+    torch.save(osd, src)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(__import__("json").dumps(CFG.to_dict()))
+    assert main(["--model", "uniter", "--src", str(src), "--out", str(tmp_path / "out"),
+                 "--config", str(cfg_path)]) == 0
+    text = capsys.readouterr().out
+    assert "missing in the source (0)" in text and "itm_output.weight" in text
+    model = Uniter.from_pretrained(tmp_path / "out")
+    assert torch.equal(model.state_dict()["encoder.layer.1.output.dense.weight"],
+                       osd["uniter.encoder.layer.1.output.dense.weight"])

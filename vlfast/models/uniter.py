@@ -26,7 +26,6 @@ Shapes: B batch, Lt text length, Lv regions, E hidden.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, load_hf_bert,
-                                load_state_dict_file, load_with_report, strip_prefix)
+                                load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput, as_bool_mask,
                                   check_feats, check_ids, fail, init_bert_weights)
 
@@ -314,7 +313,7 @@ class Uniter(PretrainedModel):
         (``cls.*``, ``feat_regress.*``, ``region_classifier.*``, ``itm_output.*``,
         ...) are reported as unused source keys.
         """
-        sd = load_state_dict_file(src) if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__") else src
+        sd = load_state_dict_file(src) if isinstance(src, str) or hasattr(src, "__fspath__") else src
         if not isinstance(sd, dict):
             raise TypeError(f"Uniter.from_official: src: expected a state_dict or a path, got {type(sd).__name__}")
         ours = convert_official(sd)
