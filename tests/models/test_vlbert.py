@@ -14,8 +14,6 @@ from vlfast.models.base import bert_checkpoint_dir
 from vlfast.models.vlbert import (CONFIG_CLASS, MODEL_CLASS, VLBert, VLBertConfig, box_geometry_embedding,
                                   convert_official, to_official)
 
-torch.set_grad_enabled(True)
-
 
 def small(**kw) -> VLBertConfig:
     return VLBertConfig.small().replace(**kw)
@@ -445,5 +443,24 @@ def test_bad_inputs_name_the_argument():
     _err(model, "image_text_alignment.*None", **dict(inp, image_text_alignment=torch.zeros(3, 5, 2)))
     _err(model, "text_tags.*values", **dict(inp, text_tags=torch.full((3, 7), 5)))
     _err(model, "visual_boxes.*None when visual_feats is None", **dict(inp, visual_feats=None))
+    _err(model, "input_ids.*None", **dict(inp, input_ids=None))
     long_ids = torch.ones(1, cfg.max_position_embeddings - 1, dtype=torch.long)
     _err(model, "input_ids.*max_position_embeddings", input_ids=long_ids)
+
+
+def test_convert_cli(tmp_path, capsys):
+    """python -m vlfast.convert --model vlbert on a checkpoint saved the official way
+    ({'state_dict': DDP state_dict with module., 'optimizer': ...}), config inferred."""
+    from vlfast.convert import main
+
+    cfg = small(num_attention_heads=1)       # what inference gives for hidden 64
+    sd = official_state_dict(cfg, seed=3)
+    src = tmp_path / "vl-bert-small-0009.model"
+    torch.save({"state_dict": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}, src)
+    assert main(["--model", "vlbert", "--src", str(src), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "missing in the source (0)" in text and f"unused source keys ({len(HEAD_KEYS)})" in text
+    assert "module.vlbert.mvrc_head.region_cls_pred.weight" in text
+    model = VLBert.from_pretrained(tmp_path / "out")
+    assert model.config == cfg
+    assert torch.equal(model.obj_downsample.weight, sd["module.image_feature_extractor.obj_downsample.1.weight"])

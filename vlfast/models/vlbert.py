@@ -79,7 +79,6 @@ pretraining configs have ``with_pooler: false``: their checkpoints carry no
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, ClassVar, Optional, Union
 
@@ -265,6 +264,9 @@ class VLBert(PretrainedModel):
         if image_text_alignment is not None:
             fail(NAME, "image_text_alignment", "None (VL-BERT has no image-text alignment input)",
                  f"a {type(image_text_alignment).__name__}")
+        if input_ids is None:
+            fail(NAME, "input_ids", "a (B, Lt) integer tensor (VL-BERT always has text: at least [CLS] [SEP])",
+                 "None")
         check_ids(NAME, "input_ids", input_ids, upper=c.vocab_size)
         B, Lt = input_ids.shape
         dev = input_ids.device
