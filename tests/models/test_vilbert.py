@@ -3,6 +3,7 @@ encoder's layer order and semantics, official / HF-BERT checkpoints, save/load a
 input errors.  Small configs only (the whole file runs in seconds on CPU)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -64,6 +65,28 @@ def test_configs():
     assert lg.t_biattention_id == list(range(18, 24))
     s = ViLBertConfig.small()
     assert ViLBertConfig.from_dict(s.to_dict()) == s and s.to_dict()["model_type"] == "vilbert"
+
+
+# config/bert_base_6layer_6conect.json of vilbert-multi-task, as released
+_OFFICIAL_BASE_JSON = {
+    "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
+    "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 512,
+    "num_attention_heads": 12, "num_hidden_layers": 12, "type_vocab_size": 2, "vocab_size": 30522,
+    "v_feature_size": 2048, "v_target_size": 1601, "v_hidden_size": 1024, "v_num_hidden_layers": 6,
+    "v_num_attention_heads": 8, "v_intermediate_size": 1024, "bi_hidden_size": 1024, "bi_num_attention_heads": 8,
+    "bi_intermediate_size": 1024, "bi_attention_type": 1, "v_attention_probs_dropout_prob": 0.1,
+    "v_hidden_act": "gelu", "v_hidden_dropout_prob": 0.1, "v_initializer_range": 0.02,
+    "v_biattention_id": [0, 1, 2, 3, 4, 5], "t_biattention_id": [6, 7, 8, 9, 10, 11], "pooling_method": "mul"}
+
+
+def test_official_config_json(tmp_path):
+    assert ViLBertConfig.from_official_config(_OFFICIAL_BASE_JSON) == ViLBertConfig.base()
+    (tmp_path / "c.json").write_text(json.dumps(dict(_OFFICIAL_BASE_JSON, t_biattention_id=[8, 9, 10, 11],
+                                                     v_biattention_id=[0, 1, 2, 3], v_num_hidden_layers=4)))
+    c = ViLBertConfig.from_official_config(tmp_path / "c.json")
+    assert c.t_biattention_id == [8, 9, 10, 11] and c.v_num_hidden_layers == 4
+    with pytest.raises(ValueError, match="hidden_act"):
+        ViLBertConfig.from_official_config(dict(_OFFICIAL_BASE_JSON, hidden_act="relu"))
 
 
 @pytest.mark.parametrize("kw, arg", [
@@ -378,6 +401,22 @@ def test_official_round_trip(tmp_path):
     old = {(k[:-7] + ".gamma" if "LayerNorm" in k and k.endswith(".weight") else k): v
            for k, v in to_official(sd).items()}
     assert convert_official(old).keys() == sd.keys()
+
+
+def test_convert_cli(tmp_path, capsys):
+    from vlfast import convert
+
+    m = _model()
+    torch.save(_official_sd(m), tmp_path / "pretrained_model.bin")
+    (tmp_path / "cfg.json").write_text(json.dumps(m.config.to_dict()))
+    assert convert.main(["--model", "vilbert", "--src", str(tmp_path / "pretrained_model.bin"),
+                         "--out", str(tmp_path / "out"), "--config", str(tmp_path / "cfg.json")]) == 0
+    assert "cls.predictions.bias" in capsys.readouterr().out
+    m2 = ViLBert.from_pretrained(tmp_path / "out").eval()
+    x = _inputs()
+    with torch.no_grad():
+        for u, w in zip(m(**x), m2(**x)):
+            assert torch.equal(u, w)
 
 
 def test_from_official_infers_the_config():

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import torch
@@ -115,6 +117,21 @@ class ViLBertConfig(ModelConfig):
                 fail("ViLBertConfig", fixed_name, f"a value in [0, {upper}] ({name}[0] bounds it)", fixed)
         if self.fusion_method not in ("mul", "sum"):
             fail("ViLBertConfig", "fusion_method", "'mul' or 'sum'", repr(self.fusion_method))
+
+    @classmethod
+    def from_official_config(cls, src: Union[PathLike, dict[str, Any]]) -> "ViLBertConfig":
+        """A config from an official config JSON (e.g. ``config/bert_base_6layer_6conect.json``)
+        or its dict: every field we share is taken; fields that only concern heads or
+        training (``v_target_size``, ``bi_intermediate_size``, ``bi_attention_type``,
+        ``pooling_method``, ``*initializer_range`` of the vision stream, ...) are ignored.
+        Only GELU activations are supported (every official config uses them)."""
+        if not isinstance(src, dict):
+            src = json.loads(Path(src).read_text())
+        for act in ("hidden_act", "v_hidden_act"):
+            if src.get(act, "gelu") != "gelu":
+                fail("ViLBertConfig.from_official_config", act, "'gelu'", repr(src[act]))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in src.items() if k in names})
 
     @property
     def num_co_layers(self) -> int:
