@@ -210,6 +210,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t cost, uintptr_t xm, uintptr_t ym, uintptr_t plan, int64_t B, int64_t Lx, int64_t Ly, double eps,
          int n_iters, int log_mode) {
         check_ot_args("sinkhorn_cpu", cost, xm, ym, plan, B, Lx, Ly, n_iters);
+        if (n_iters < 1) bad_arg("sinkhorn_cpu: n_iters must be >= 1, got " + std::to_string(n_iters));
         check_positive("sinkhorn_cpu", "eps", eps);
         check_log_mode("sinkhorn_cpu", log_mode);
         py::gil_scoped_release release;
@@ -257,6 +258,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t cost, uintptr_t xm, uintptr_t ym, uintptr_t plan, uintptr_t ws, int64_t B, int64_t Lx, int64_t Ly,
          double eps, int n_iters, int log_mode, uintptr_t stream) {
         check_ot_args("sinkhorn_cuda", cost, xm, ym, plan, B, Lx, Ly, n_iters);
+        if (n_iters < 1) bad_arg("sinkhorn_cuda: n_iters must be >= 1, got " + std::to_string(n_iters));
         check_positive("sinkhorn_cuda", "eps", eps);
         check_log_mode("sinkhorn_cuda", log_mode);
         py::gil_scoped_release release;

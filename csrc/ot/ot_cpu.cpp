@@ -151,12 +151,18 @@ void sinkhorn_one(Problem& p, Scratch& w, float eps, int n_iters, int log_mode) 
     }
 }
 
+// Below this much work (elements x iterations) a call runs on one thread: waking the
+// OpenMP team costs more than it saves, and a descheduled worker stalls the barrier.
+constexpr int64_t kParallelWork = int64_t{1} << 17;
+
 template <typename Solve>
 void for_each_problem(const float* cost, const uint8_t* xm, const uint8_t* ym, float* plan, int64_t B, int Lx, int Ly,
-                      Solve solve) {
+                      int n_iters, Solve solve) {
   const int64_t tile = static_cast<int64_t>(Lx) * Ly;
+  const bool parallel = B > 1 && B * tile * (n_iters + 1) >= kParallelWork;
+  (void)parallel;
 #if defined(VLFAST_WITH_OPENMP)
-#pragma omp parallel if (B > 1)
+#pragma omp parallel if (parallel)
 #endif
   {
     Scratch scratch;
@@ -174,13 +180,13 @@ void for_each_problem(const float* cost, const uint8_t* xm, const uint8_t* ym, f
 
 void ipot_cpu(const float* cost, const uint8_t* x_mask, const uint8_t* y_mask, float* plan, int64_t B, int Lx, int Ly,
               float beta, int n_iters, int k) {
-  for_each_problem(cost, x_mask, y_mask, plan, B, Lx, Ly,
+  for_each_problem(cost, x_mask, y_mask, plan, B, Lx, Ly, n_iters * k,
                    [&](Problem& p, Scratch& w) { ipot_one(p, w, beta, n_iters, k); });
 }
 
 void sinkhorn_cpu(const float* cost, const uint8_t* x_mask, const uint8_t* y_mask, float* plan, int64_t B, int Lx,
                   int Ly, float eps, int n_iters, int log_mode) {
-  for_each_problem(cost, x_mask, y_mask, plan, B, Lx, Ly,
+  for_each_problem(cost, x_mask, y_mask, plan, B, Lx, Ly, n_iters,
                    [&](Problem& p, Scratch& w) { sinkhorn_one(p, w, eps, n_iters, log_mode); });
 }
 

@@ -89,6 +89,7 @@ def _check_plan(op: str, plan: Tensor, what: str) -> None:
 def ipot_op(cost: Tensor, x_mask: Tensor, y_mask: Tensor, beta: float, n_iters: int, k: int,
             backend: str) -> Tensor:
     b = _dispatch.select("ipot", cost.device.type, requested=backend)
+    _check_finite_cost("ipot", cost, x_mask, y_mask)
     if cost.numel() == 0:
         return torch.zeros(cost.shape, dtype=torch.float32, device=cost.device)
     if b == "reference":
@@ -117,6 +118,7 @@ def _(cost, x_mask, y_mask, beta, n_iters, k, backend):
 def sinkhorn_op(cost: Tensor, x_mask: Tensor, y_mask: Tensor, eps: float, n_iters: int, log_mode: int,
                 backend: str) -> Tensor:
     b = _dispatch.select("sinkhorn", cost.device.type, requested=backend)
+    _check_finite_cost("sinkhorn", cost, x_mask, y_mask)
     if cost.numel() == 0:
         return torch.zeros(cost.shape, dtype=torch.float32, device=cost.device)
     if b == "reference":
@@ -160,7 +162,8 @@ def _check_problem(op: str, cost: Tensor, x_mask: Tensor, y_mask: Tensor, cost_n
 
 def _check_finite_cost(op: str, cost: Tensor, x_mask: Tensor, y_mask: Tensor, name: str = "cost") -> None:
     """Non-finite costs on real pairs are an error (always on CPU, on CUDA with
-    VLFAST_CHECK=1: the check costs a host sync).  Padding may hold anything."""
+    VLFAST_CHECK=1: the check costs a host sync).  Padding may hold anything.  Runs
+    inside the custom ops, so it also guards compiled graphs."""
     if not C.value_checks_enabled(cost):
         return
     joint = x_mask[:, :, None] & y_mask[:, None, :]
@@ -203,7 +206,6 @@ def ipot(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, beta: float = 0.5, n_i
     beta = _check_pos(op, "beta", beta)
     n_iters = _check_int(op, "n_iters", n_iters, 0)
     k = _check_int(op, "k", k, 1)
-    _check_finite_cost(op, cost, x_mask, y_mask)
     return ipot_op(cost.detach(), x_mask, y_mask, beta, n_iters, k, _dispatch.requested_backend())
 
 
@@ -211,7 +213,7 @@ def sinkhorn(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, eps: float = 0.1, 
              log_domain: Optional[bool] = None) -> Tensor:
     """Entropic OT (Sinkhorn-Knopp) with uniform marginals over the real entries.
 
-    K = exp(-cost/eps) (the cost is not normalised), exactly ``n_iters`` iterations in
+    K = exp(-cost/eps) (the cost is not normalised), exactly ``n_iters`` (>= 1) iterations in
     POT's order (v then u), like ``ot.sinkhorn(a, b, M, reg=eps, numItermax=n_iters,
     stopThr=0)`` on each problem.  ``log_domain``: True / False forces the variant;
     None uses the log domain for each problem whose cost range / eps exceeds 50.
@@ -221,10 +223,9 @@ def sinkhorn(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, eps: float = 0.1, 
     op = "sinkhorn"
     _check_problem(op, cost, x_mask, y_mask)
     eps = _check_pos(op, "eps", eps)
-    n_iters = _check_int(op, "n_iters", n_iters, 0)
+    n_iters = _check_int(op, "n_iters", n_iters, 1)
     if log_domain is not None and not isinstance(log_domain, bool):
         C.fail(op, "log_domain", "None, True or False", repr(log_domain))
-    _check_finite_cost(op, cost, x_mask, y_mask)
     mode = -1 if log_domain is None else int(log_domain)
     return sinkhorn_op(cost.detach(), x_mask, y_mask, eps, n_iters, mode, _dispatch.requested_backend())
 
@@ -256,6 +257,7 @@ def wra_distance(txt_emb: Tensor, img_emb: Tensor, txt_mask: Tensor, img_mask: T
     _check_problem(op, cost, txt_mask, img_mask, "cost", "txt_mask", "img_mask")
     joint = txt_mask[:, :, None] & img_mask[:, None, :]
     cost = cost.masked_fill(~joint, 0.0)
-    _check_finite_cost(op, cost, txt_mask, img_mask, "txt_emb/img_emb (their cosine cost)")
+    if not torch.compiler.is_compiling():  # (the op checks again, in its own terms)
+        _check_finite_cost(op, cost, txt_mask, img_mask, "txt_emb/img_emb (their cosine cost)")
     plan = ipot_op(cost.detach(), txt_mask, img_mask, beta, n_iters, k, _dispatch.requested_backend())
     return (cost * plan).sum(dim=(1, 2))

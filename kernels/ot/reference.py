@@ -45,6 +45,9 @@ def _prepare(cost: Tensor, x_mask: Tensor, y_mask: Tensor):
     empty = ~joint.flatten(1).any(1)
     cmin = cmin.masked_fill(empty, 0.0)
     cmax = cmax.masked_fill(empty, 0.0)
+    # padding may hold anything (NaN, inf, costs far below the real ones): replace it by
+    # the problem's smallest real cost, so exp() of it is finite and the mask zeroes it
+    c = torch.where(joint, c, cmin[:, None, None].expand_as(c))
     return c, joint, nx, ny, cmin, cmax, x_mask, y_mask
 
 
