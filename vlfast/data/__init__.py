@@ -1,0 +1,1 @@
+"""vlfast.data: synthetic world, feature-store readers, samplers and collators."""

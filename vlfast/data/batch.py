@@ -1,0 +1,156 @@
+"""The records and the batch that flow from data sources to the models.
+
+* :class:`ImageRecord` -- one image as a detector saw it: region features, boxes,
+  confidences and soft class labels.  Every reader (UNITER LMDB, ViLBERT LMDB,
+  bottom-up-attention tsv, npz folder) and the synthetic world produce these.
+* :class:`VLBatch` -- a collated, padded batch of B samples; ``model_inputs(model)``
+  turns it into the keyword arguments of any of the four models (each wants its own
+  box format), and ``targets`` carries what the objectives and tasks need.
+
+Boxes are stored once, normalised to the image: ``(N, 4)`` ``[x1, y1, x2, y2]`` in
+[0, 1].  :func:`box_features` derives the model formats: UNITER's 7-d
+``[x1,y1,x2,y2,w,h,w*h]``, ViLBERT's 5-d ``[x1,y1,x2,y2,area]``, VL-BERT's pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageRecord:
+    """One image's detections.
+
+    features (N, F) float32; boxes (N, 4) float32 normalised [x1,y1,x2,y2]; conf (N,)
+    float32 detector confidences; soft_labels (N, C) float32 class distributions (or
+    None); width/height in pixels.
+    """
+    img_id: str
+    features: np.ndarray
+    boxes: np.ndarray
+    conf: Optional[np.ndarray] = None
+    soft_labels: Optional[np.ndarray] = None
+    width: int = 1
+    height: int = 1
+
+    def __post_init__(self) -> None:
+        f, b = self.features, self.boxes
+        if f.ndim != 2:
+            raise ValueError(f"ImageRecord {self.img_id!r}: features: expected (N, F), got shape {f.shape}")
+        if b.shape != (f.shape[0], 4):
+            raise ValueError(f"ImageRecord {self.img_id!r}: boxes: expected shape ({f.shape[0]}, 4), got {b.shape}")
+        if self.conf is not None and self.conf.shape != (f.shape[0],):
+            raise ValueError(f"ImageRecord {self.img_id!r}: conf: expected shape ({f.shape[0]},), "
+                             f"got {self.conf.shape}")
+        if self.soft_labels is not None and (self.soft_labels.ndim != 2 or self.soft_labels.shape[0] != f.shape[0]):
+            raise ValueError(f"ImageRecord {self.img_id!r}: soft_labels: expected ({f.shape[0]}, C), "
+                             f"got {self.soft_labels.shape}")
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.features.shape[0])
+
+
+def box_features(boxes: Tensor, kind: str, image_size: Optional[Tensor] = None) -> Tensor:
+    """Normalised (..., 4) [x1,y1,x2,y2] -> a model's box format.
+
+    kind "uniter": (..., 7) [x1,y1,x2,y2,w,h,w*h]; "vilbert": (..., 5)
+    [x1,y1,x2,y2,w*h]; "vlbert": (..., 4) in pixels (needs image_size (B, 2) = (w, h)).
+    """
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    w, h = x2 - x1, y2 - y1
+    if kind == "uniter":
+        return torch.stack([x1, y1, x2, y2, w, h, w * h], -1)
+    if kind == "vilbert":
+        return torch.stack([x1, y1, x2, y2, w * h], -1)
+    if kind == "vlbert":
+        if image_size is None:
+            raise ValueError("box_features: image_size (B, 2) is needed for VL-BERT's pixel boxes")
+        scale = torch.cat([image_size, image_size], -1).to(boxes.dtype)[:, None, :]
+        return boxes * scale
+    raise ValueError(f"box_features: kind: expected 'uniter', 'vilbert' or 'vlbert', got {kind!r}")
+
+
+def _model_kind(model: Any) -> str:
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", "")
+    if mt not in ("uniter", "vilbert", "vlbert", "visualbert"):
+        raise ValueError(f"VLBatch.model_inputs: unknown model type {mt!r} (expected one of the four models)")
+    return mt
+
+
+@dataclass
+class VLBatch:
+    """A padded batch of B samples (text length Lt, region count Lv).
+
+    input_ids (B,Lt) long; attention_mask (B,Lt) bool; token_type_ids (B,Lt) long;
+    visual_feats (B,Lv,F) float; boxes (B,Lv,4) normalised [x1,y1,x2,y2];
+    visual_mask (B,Lv) bool; image_size (B,2) float (w, h) in pixels;
+    soft_labels (B,Lv,C) detector class distributions or None.
+    ``targets``: what a loss needs.  Names shared by the collators, objectives and
+    tasks (Nm = number of masked regions, in ``img_masks.nonzero()`` order):
+
+    - ``mlm_labels`` (B,Lt) long: original ids at masked words, -100 elsewhere
+      (input_ids already hold [MASK]/random/kept tokens, 80/10/10);
+    - ``img_masks`` (B,Lv) bool: masked regions (their visual_feats are zeroed);
+      ``masked_feats`` (Nm,F) original features; ``masked_soft_labels`` (Nm,C)
+      detector class distributions of the masked regions;
+    - ``itm_labels`` (B,) long: 1 = the text matches the image (ITM, VisualBERT's
+      sentence-image prediction, ViLBERT's alignment prediction);
+    - ``vqa_targets`` (B,A) float soft scores; ``nlvr2_labels`` (B,) long;
+      ``mc_labels`` (B,) long (VCR-style choice index); ``ref_targets`` (B,) long
+      (index of the referred region); ``pair_index`` (B',) long when a sample spans
+      several image-text pairs (NLVR2's two images, VCR's choices).
+    ``meta``: non-tensor per-sample data (ids for prediction files).
+    """
+    input_ids: Tensor
+    attention_mask: Tensor
+    token_type_ids: Tensor
+    visual_feats: Tensor
+    boxes: Tensor
+    visual_mask: Tensor
+    image_size: Tensor
+    soft_labels: Optional[Tensor] = None
+    targets: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Real words + real regions (the unit of tokens/s)."""
+        return int(self.attention_mask.sum()) + int(self.visual_mask.sum())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VLBatch":
+        def mv(x):
+            return x.to(device, non_blocking=non_blocking) if isinstance(x, Tensor) else x
+        return dataclasses.replace(
+            self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)
+                     if f.name not in ("targets", "meta")},
+            targets={k: mv(v) for k, v in self.targets.items()}, meta=dict(self.meta))
+
+    def model_inputs(self, model: Any, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments of ``model``'s forward (any of the four models), with the
+        model's box format; ``extra`` is merged in (e.g. padding_free=True)."""
+        kind = _model_kind(model)
+        kw: dict[str, Any] = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                                  token_type_ids=self.token_type_ids, visual_feats=self.visual_feats,
+                                  visual_mask=self.visual_mask)
+        if kind == "uniter":
+            kw["visual_boxes"] = box_features(self.boxes, "uniter")
+            if "img_masks" in self.targets:
+                kw["img_masks"] = self.targets["img_masks"]
+        elif kind == "vilbert":
+            kw["visual_boxes"] = box_features(self.boxes, "vilbert")
+        elif kind == "vlbert":
+            kw["visual_boxes"] = box_features(self.boxes, "vlbert", self.image_size)
+            kw["image_size"] = self.image_size
+        kw.update(extra)
+        return kw
