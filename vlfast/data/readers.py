@@ -1251,10 +1251,10 @@ def _lmdb_flavour(db_dir: Path) -> str:
         _release_env(handle)
     if first is None:
         raise FeatureStoreError(f"open_feature_store: the LMDB {str(db_dir)!r} is empty", path=db_dir, reason="store")
-    if first[:2] == b"PK" or (first[:1] and (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF))):
-        return "uniter"
-    if first[:1] == b"\x80":
-        return "vilbert"
+    if first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "vilbert"  # a pickle (PROTO opcode); an empty msgpack map is no UNITER record
+    if first[:2] == b"PK" or (first[:1] and (0x81 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF))):
+        return "uniter"  # an npz (zip) or a msgpack map
     raise FeatureStoreError(f"open_feature_store: cannot tell the layout of the LMDB {str(db_dir)!r} (records are "
                             "neither npz/msgpack nor pickles)", path=db_dir, reason="store")
 
