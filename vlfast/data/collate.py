@@ -1,0 +1,687 @@
+"""Collators: sample dicts + an ImageRecord mapping -> a padded :class:`VLBatch`.
+
+Every collator pads text to the batch's longest sequence and regions to the batch's
+largest region count, fills ``image_size`` from the records' (width, height), puts
+the shared target names of :mod:`vlfast.data.batch` in ``batch.targets`` and the
+ids in ``batch.meta``.
+
+Sample dict fields (all tasks)::
+
+    {"input_ids": list[int],        # complete token ids, [CLS] ... [SEP] included
+     "img_id": str,                 # key into the ImageRecord mapping
+     "token_type_ids": list[int],   # optional, default all 0
+     "id": str | int}               # optional example id (meta["ids"]; seeds Collator's rng)
+
+Task-specific fields::
+
+    vqa        "answers": list[str] (the human answers; score per answer =
+               min(1, 0.3 x count): 0, .3, .6, .9, 1) or "answer_scores": {answer: score}
+    nlvr2      "img_ids": [left, right] (instead of "img_id"), "label": 0/1
+    mc         "choices": list[list[int]] (K answer token ids each), "label": int
+    ref        "target_region": int (index of the referred region)
+    retrieval  "neg_img_ids": list[str] (optional: explicit, e.g. hard, negatives),
+               "neg_input_ids": list[list[int]] (optional: negative texts)
+
+A fine-tuning target is produced when every sample carries its field, and left out
+when none does (test splits); a batch mixing both is an error.
+
+``meta``: ``"task"``; ``"ids"`` (per sample); ``"img_ids"`` (per row: the image
+each row of the batch shows -- for ITM the negative where there is one);
+``"pos_img_ids"`` (per sample, ITM/retrieval).
+
+Pretraining tasks of :func:`collate_pretrain` (conditional masking: one modality):
+
+    "mlm"                words masked (15%, 80/10/10, >= 1 per sample); mlm_labels
+    "mrfr", "mrc", "mrc-kl", "mrc-vlbert"
+                         regions masked (15%, >= 1 per image): their visual_feats are
+                         zeroed; img_masks, masked_feats, masked_soft_labels
+    "mrm-vilbert"        as above plus ViLBERT's overlap rule (IoU > 0.4 with a masked
+                         region -> masked too)
+    "itm"                no masking; with probability itm_neg_prob (0.5) a sample's
+                         image is replaced by a different image id; itm_labels
+                         (1 = matched).  The same batches serve WRA and VisualBERT's
+                         sentence-image prediction.
+
+Rows and samples: NLVR2 (paired: one row per image), multiple choice (one row per
+choice) and retrieval (one row per candidate image/text) give more rows than
+samples; ``targets["pair_index"]`` (rows,) says which sample each row belongs to.
+
+Randomness: the functions take ``rng`` (a numpy Generator or an int seed).
+:func:`make_collator` returns a picklable :class:`Collator` (DataLoader
+``collate_fn``) that derives each batch's generator from ``(seed, epoch, the
+batch's sample ids)`` -- the same batch gets the same masks whatever the worker
+or resume point.
+
+Packing helpers for the padding-free path: :func:`pack_offsets` (cu_seqlens),
+:func:`packed_index` and :func:`joint_packed_index` (flat positions of the real
+tokens, the layout ``Packed.from_mask`` builds), with a numba kernel.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlfast.data.batch import ImageRecord, VLBatch
+from vlfast.data.masking import (IGNORE_INDEX, _njit, _use_numba, mask_regions_batch, mask_text_batch)
+
+__all__ = ["PRETRAIN_TASKS", "FINETUNE_TASKS", "Collator", "make_collator", "collate_pretrain", "collate_vqa",
+           "collate_nlvr2", "collate_mc", "collate_ref", "collate_retrieval", "vqa_answer_score",
+           "pack_offsets", "packed_index", "joint_packed_index"]
+
+TEXT_TASKS = ("mlm",)
+REGION_TASKS = ("mrfr", "mrc", "mrc-kl", "mrc-vlbert", "mrm-vilbert")
+SOFT_LABEL_TASKS = ("mrc", "mrc-kl", "mrc-vlbert", "mrm-vilbert")
+PRETRAIN_TASKS = TEXT_TASKS + REGION_TASKS + ("itm",)
+FINETUNE_TASKS = ("vqa", "nlvr2", "mc", "ref", "retrieval")
+
+RngLike = Union[np.random.Generator, int]
+Sample = Mapping[str, Any]
+
+
+# ----------------------------------------------------------------------------------
+# Checks and padding
+# ----------------------------------------------------------------------------------
+
+def _rng(rng: Optional[RngLike], where: str) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0:
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"{where}: rng: expected a numpy.random.Generator or a non-negative int seed, got {rng!r}")
+
+
+def _check_samples(samples: Sequence[Sample], where: str) -> None:
+    if len(samples) == 0:
+        raise ValueError(f"{where}: samples: expected at least one sample, got an empty batch")
+    for i, s in enumerate(samples):
+        if not isinstance(s, Mapping):
+            raise TypeError(f"{where}: samples[{i}]: expected a dict, got {type(s).__name__}")
+
+
+def _field(sample: Sample, key: str, i: int, where: str) -> Any:
+    if key not in sample:
+        raise KeyError(f"{where}: samples[{i}]: missing field {key!r} (has {sorted(sample)})")
+    return sample[key]
+
+
+def _ids(x: Any, what: str, where: str) -> list[int]:
+    arr = np.asarray(x)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{where}: {what}: expected a non-empty list of int token ids, "
+                         f"got {type(x).__name__} of shape {arr.shape} dtype {arr.dtype}")
+    return arr.astype(np.int64).tolist()
+
+
+def _text(sample: Sample, i: int, where: str) -> tuple[list[int], list[int]]:
+    ids = _ids(_field(sample, "input_ids", i, where), f"samples[{i}]['input_ids']", where)
+    tt = sample.get("token_type_ids")
+    if tt is None:
+        return ids, [0] * len(ids)
+    tt = _ids(tt, f"samples[{i}]['token_type_ids']", where)
+    if len(tt) != len(ids):
+        raise ValueError(f"{where}: samples[{i}]['token_type_ids']: expected {len(ids)} entries "
+                         f"(one per input id), got {len(tt)}")
+    return ids, tt
+
+
+def _record(records: Mapping[str, ImageRecord], img_id: Any, where: str) -> ImageRecord:
+    try:
+        rec = records[img_id]
+    except KeyError:
+        raise KeyError(f"{where}: image record {img_id!r}: not found in the records") from None
+    if not isinstance(rec, ImageRecord):
+        raise TypeError(f"{where}: image record {img_id!r}: expected an ImageRecord, got {type(rec).__name__}")
+    if rec.num_boxes < 1:
+        raise ValueError(f"{where}: image record {img_id!r}: has no regions")
+    return rec
+
+
+def _pad_text(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    B, L = len(rows), max(len(r[0]) for r in rows)
+    ids = np.full((B, L), pad_id, dtype=np.int64)
+    types = np.zeros((B, L), dtype=np.int64)
+    mask = np.zeros((B, L), dtype=bool)
+    for b, (i, t) in enumerate(rows):
+        ids[b, :len(i)] = i
+        types[b, :len(t)] = t
+        mask[b, :len(i)] = True
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)
+
+
+class _Images:
+    """Padded region tensors of a list of records (numpy until the end)."""
+
+    def __init__(self, recs: Sequence[ImageRecord], img_ids: Sequence[Any], where: str, need_soft: bool) -> None:
+        F = recs[0].features.shape[1]
+        soft = all(r.soft_labels is not None for r in recs)
+        if need_soft and not soft:
+            bad = next(i for i, r in zip(img_ids, recs) if r.soft_labels is None)
+            raise ValueError(f"{where}: image record {bad!r}: soft_labels: needed by this task, got None")
+        C = recs[0].soft_labels.shape[1] if soft else 0
+        for i, r in zip(img_ids, recs):
+            if r.features.shape[1] != F:
+                raise ValueError(f"{where}: image record {i!r}: features: expected width {F} (as "
+                                 f"{img_ids[0]!r}), got {r.features.shape[1]}")
+            if soft and r.soft_labels.shape[1] != C:
+                raise ValueError(f"{where}: image record {i!r}: soft_labels: expected {C} classes (as "
+                                 f"{img_ids[0]!r}), got {r.soft_labels.shape[1]}")
+        self.num_boxes = np.array([r.num_boxes for r in recs], dtype=np.int64)
+        B, Lv = len(recs), int(self.num_boxes.max())
+        self.feats = np.zeros((B, Lv, F), dtype=np.float32)
+        self.boxes = np.zeros((B, Lv, 4), dtype=np.float32)
+        self.mask = np.zeros((B, Lv), dtype=bool)
+        self.soft = np.zeros((B, Lv, C), dtype=np.float32) if soft else None
+        self.size = np.zeros((B, 2), dtype=np.float32)
+        for b, r in enumerate(recs):
+            n = r.num_boxes
+            self.feats[b, :n] = r.features
+            self.boxes[b, :n] = r.boxes
+            self.mask[b, :n] = True
+            if self.soft is not None:
+                self.soft[b, :n] = r.soft_labels
+            self.size[b] = (r.width, r.height)
+
+
+def _batch(text_rows: Sequence[tuple[list[int], list[int]]], imgs: _Images, pad_id: int,
+           targets: dict[str, Tensor], meta: dict[str, Any]) -> VLBatch:
+    ids, amask, types = _pad_text(text_rows, pad_id)
+    return VLBatch(input_ids=ids, attention_mask=amask, token_type_ids=types,
+                   visual_feats=torch.from_numpy(imgs.feats), boxes=torch.from_numpy(imgs.boxes),
+                   visual_mask=torch.from_numpy(imgs.mask), image_size=torch.from_numpy(imgs.size),
+                   soft_labels=None if imgs.soft is None else torch.from_numpy(imgs.soft),
+                   targets=targets, meta=meta)
+
+
+def _images(records: Mapping[str, ImageRecord], img_ids: Sequence[Any], where: str,
+            need_soft: bool = False) -> _Images:
+    recs = [_record(records, i, where) for i in img_ids]
+    return _Images(recs, img_ids, where, need_soft)
+
+
+def _has_all(samples: Sequence[Sample], keys: Sequence[str], where: str) -> bool:
+    """True when every sample has one of ``keys``, False when none does; else an error."""
+    has = [any(k in s for k in keys) for s in samples]
+    if all(has):
+        return True
+    if not any(has):
+        return False
+    i = has.index(False) if has[0] else has.index(True)
+    raise ValueError(f"{where}: samples[{i}]: the batch mixes samples with and without "
+                     f"{' / '.join(map(repr, keys))}")
+
+
+def _sample_negative(pool: Sequence[Any], positive: Any, rng: np.random.Generator, where: str) -> Any:
+    """Uniform draw from ``pool`` of an id different from ``positive`` (draw and retry)."""
+    n = len(pool)
+    if n == 0:
+        raise ValueError(f"{where}: image_pool: expected image ids to draw negatives from, got none")
+    for _ in range(64):
+        cand = pool[int(rng.integers(n))]
+        if cand != positive:
+            return cand
+    others = [x for x in pool if x != positive]
+    if not others:
+        raise ValueError(f"{where}: image_pool: no image other than {positive!r} to use as a negative")
+    return others[int(rng.integers(len(others)))]
+
+
+# ----------------------------------------------------------------------------------
+# Pretraining
+# ----------------------------------------------------------------------------------
+
+def collate_pretrain(samples: Sequence[Sample], task: str, records: Mapping[str, ImageRecord], *,
+                     rng: RngLike, mask_id: Optional[int] = None, vocab_range: Optional[tuple[int, int]] = None,
+                     special_ids: Optional[Iterable[int]] = None, mask_prob: float = 0.15,
+                     itm_neg_prob: float = 0.5, image_pool: Optional[Sequence[Any]] = None,
+                     iou_threshold: float = 0.4, iou_offset: float = 0.0, pad_id: int = 0,
+                     backend: str = "auto") -> VLBatch:
+    """Collate B pretraining samples for one task (see the module docstring).
+
+    Args:
+        samples: dicts with "input_ids" and "img_id" (+ optional "token_type_ids", "id").
+        task: one of PRETRAIN_TASKS.
+        records: img_id -> ImageRecord.
+        rng: numpy Generator or int seed: every random choice of the batch.
+        mask_id, vocab_range, special_ids: [MASK] id, [lo, hi) of random words, ids
+            never masked -- needed by "mlm".
+        mask_prob: words / regions masking probability.
+        itm_neg_prob: probability that an ITM sample gets a negative image.
+        image_pool: image ids negatives are drawn from (default: the records' keys).
+        iou_threshold, iou_offset: ViLBERT's overlap rule ("mrm-vilbert").
+        pad_id: text padding id.  backend: masking kernels ("auto" | "numba" | "numpy").
+
+    Returns:
+        VLBatch (B rows; Lt = longest text, Lv = most regions).  targets:
+        mlm: ``mlm_labels`` (B,Lt) long (-100 = not masked, padding included);
+        region tasks: ``img_masks`` (B,Lv) bool, ``masked_feats`` (Nm,F) float32 original
+        features, ``masked_soft_labels`` (Nm,C) (when the records have soft labels;
+        required by the mrc/mrm tasks), in ``img_masks.nonzero()`` order;
+        itm: ``itm_labels`` (B,) long.
+    """
+    where = f"collate_pretrain[{task}]"
+    if task not in PRETRAIN_TASKS:
+        raise ValueError(f"collate_pretrain: task: expected one of {PRETRAIN_TASKS}, got {task!r}")
+    _check_samples(samples, where)
+    g = _rng(rng, where)
+    text = [_text(s, i, where) for i, s in enumerate(samples)]
+    pos_ids = [_field(s, "img_id", i, where) for i, s in enumerate(samples)]
+    meta: dict[str, Any] = {"task": task, "ids": [s.get("id") for s in samples]}
+    targets: dict[str, Tensor] = {}
+
+    if task == "itm":
+        if not 0.0 <= float(itm_neg_prob) <= 1.0:
+            raise ValueError(f"{where}: itm_neg_prob: expected a probability in [0, 1], got {itm_neg_prob!r}")
+        pool = list(records.keys()) if image_pool is None else image_pool
+        neg = g.random(len(samples)) < float(itm_neg_prob)
+        img_ids = [_sample_negative(pool, p, g, where) if n else p for p, n in zip(pos_ids, neg)]
+        imgs = _images(records, img_ids, where)
+        targets["itm_labels"] = torch.from_numpy((~neg).astype(np.int64))
+        meta.update(img_ids=img_ids, pos_img_ids=list(pos_ids))
+        return _batch(text, imgs, pad_id, targets, meta)
+
+    imgs = _images(records, pos_ids, where, need_soft=task in SOFT_LABEL_TASKS)
+    meta["img_ids"] = list(pos_ids)
+    if task == "mlm":
+        if mask_id is None or vocab_range is None or special_ids is None:
+            raise ValueError(f"{where}: mask_id, vocab_range and special_ids are needed for MLM, got "
+                             f"mask_id={mask_id!r}, vocab_range={vocab_range!r}, special_ids={special_ids!r}")
+        masked = mask_text_batch([t[0] for t in text], g, vocab_range, mask_id, special_ids, mask_prob, backend)
+        labels = np.full((len(samples), max(len(t[0]) for t in text)), IGNORE_INDEX, dtype=np.int64)
+        for b, (ids, lab) in enumerate(masked):
+            labels[b, :len(lab)] = lab
+        text = [(ids.tolist(), t[1]) for (ids, _), t in zip(masked, text)]
+        targets["mlm_labels"] = torch.from_numpy(labels)
+        return _batch(text, imgs, pad_id, targets, meta)
+
+    # region tasks
+    boxes = [imgs.boxes[b, :n] for b, n in enumerate(imgs.num_boxes)] if task == "mrm-vilbert" else None
+    masks = mask_regions_batch(imgs.num_boxes, g, mask_prob, boxes,
+                               iou_threshold if task == "mrm-vilbert" else None, iou_offset, backend)
+    img_masks = np.zeros_like(imgs.mask)
+    for b, m in enumerate(masks):
+        img_masks[b, :len(m)] = m
+    targets["masked_feats"] = torch.from_numpy(imgs.feats[img_masks])
+    if imgs.soft is not None:
+        targets["masked_soft_labels"] = torch.from_numpy(imgs.soft[img_masks])
+    imgs.feats[img_masks] = 0.0
+    targets["img_masks"] = torch.from_numpy(img_masks)
+    return _batch(text, imgs, pad_id, targets, meta)
+
+
+# ----------------------------------------------------------------------------------
+# Fine-tuning
+# ----------------------------------------------------------------------------------
+
+_VQA_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
+
+
+def vqa_answer_score(count: int) -> float:
+    """Soft score of an answer given by ``count`` of the annotators: min(1, 0.3 x count)
+    -- 0, 0.3, 0.6, 0.9, then 1 (bottom-up-attention's ``compute_softscore``, the
+    targets UNITER and VisualBERT train on)."""
+    if count < 0:
+        raise ValueError(f"vqa_answer_score: count: expected >= 0, got {count}")
+    return _VQA_SCORES[min(int(count), 4)]
+
+
+def collate_vqa(samples: Sequence[Sample], records: Mapping[str, ImageRecord], answer_map: Mapping[str, int], *,
+                pad_id: int = 0) -> VLBatch:
+    """VQA: one row per question.  ``targets["vqa_targets"]`` (B, A) float32 soft scores
+    over ``answer_map`` (answer -> label index, A = len(answer_map)); answers outside
+    the map are dropped (as in the official preprocessing).  Samples: "answers"
+    (list[str]) or "answer_scores" ({answer: score})."""
+    where = "collate_vqa"
+    _check_samples(samples, where)
+    A = len(answer_map)
+    if A == 0:
+        raise ValueError(f"{where}: answer_map: expected at least one answer, got an empty map")
+    text = [_text(s, i, where) for i, s in enumerate(samples)]
+    img_ids = [_field(s, "img_id", i, where) for i, s in enumerate(samples)]
+    imgs = _images(records, img_ids, where)
+    targets: dict[str, Tensor] = {}
+    if _has_all(samples, ("answers", "answer_scores"), where):
+        t = np.zeros((len(samples), A), dtype=np.float32)
+        for b, s in enumerate(samples):
+            if "answer_scores" in s:
+                scores = dict(s["answer_scores"])
+            else:
+                answers = s["answers"]
+                if isinstance(answers, str):
+                    raise ValueError(f"{where}: samples[{b}]['answers']: expected a list of answer strings, "
+                                     f"got the string {answers!r}")
+                scores = {a: vqa_answer_score(c) for a, c in Counter(answers).items()}
+            for a, sc in scores.items():
+                k = answer_map.get(a)
+                if k is not None:
+                    if not 0 <= k < A:
+                        raise ValueError(f"{where}: answer_map[{a!r}]: expected an index in [0, {A}), got {k}")
+                    t[b, k] = sc
+        targets["vqa_targets"] = torch.from_numpy(t)
+    meta = {"task": "vqa", "ids": [s.get("id") for s in samples], "img_ids": img_ids}
+    return _batch(text, imgs, pad_id, targets, meta)
+
+
+def _int_label(s: Sample, i: int, where: str, hi: Optional[int] = None) -> int:
+    lab = s["label"]
+    if isinstance(lab, (bool, np.bool_)):
+        lab = int(lab)
+    if not isinstance(lab, (int, np.integer)) or lab < 0 or (hi is not None and lab >= hi):
+        rng = f"[0, {hi})" if hi is not None else ">= 0"
+        raise ValueError(f"{where}: samples[{i}]['label']: expected an int in {rng}, got {lab!r}")
+    return int(lab)
+
+
+def collate_nlvr2(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *, pad_id: int = 0) -> VLBatch:
+    """NLVR2, paired setting (UNITER's "paired", VisualBERT's and ViLBERT's NLVR2): each
+    sample's statement is paired with each of its two images -> 2B rows, sample b on
+    rows 2b (left) and 2b+1 (right).  ``pair_index`` (2B,) long; ``nlvr2_labels``
+    (B,) long.  Samples: "img_ids" [left, right], "label" 0/1."""
+    where = "collate_nlvr2"
+    _check_samples(samples, where)
+    text, img_ids = [], []
+    for i, s in enumerate(samples):
+        pair = _field(s, "img_ids", i, where)
+        if isinstance(pair, (str, bytes)) or len(pair) != 2:
+            raise ValueError(f"{where}: samples[{i}]['img_ids']: expected two image ids [left, right], got {pair!r}")
+        t = _text(s, i, where)
+        text += [t, t]
+        img_ids += list(pair)
+    imgs = _images(records, img_ids, where)
+    targets = {"pair_index": torch.arange(len(samples), dtype=torch.long).repeat_interleave(2)}
+    if _has_all(samples, ("label",), where):
+        targets["nlvr2_labels"] = torch.tensor([_int_label(s, i, where, 2) for i, s in enumerate(samples)],
+                                               dtype=torch.long)
+    meta = {"task": "nlvr2", "ids": [s.get("id") for s in samples], "img_ids": img_ids}
+    return _batch(text, imgs, pad_id, targets, meta)
+
+
+def collate_mc(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *, sep_id: Optional[int] = None,
+               pad_id: int = 0) -> VLBatch:
+    """VCR-style multiple choice: sample b's K choices give rows bK .. bK+K-1, each the
+    question ids + the choice ids (+ ``sep_id`` when given), token type 0 for the
+    question and 1 for the choice.  ``pair_index`` (BK,) long; ``mc_labels`` (B,) long
+    (the right choice).  Samples: "choices" list of K id lists (same K in the batch),
+    "label"."""
+    where = "collate_mc"
+    _check_samples(samples, where)
+    K = None
+    text, img_ids = [], []
+    for i, s in enumerate(samples):
+        q, qt = _text(s, i, where)
+        choices = _field(s, "choices", i, where)
+        if K is None:
+            K = len(choices)
+            if K < 2:
+                raise ValueError(f"{where}: samples[{i}]['choices']: expected at least 2 choices, got {K}")
+        if len(choices) != K:
+            raise ValueError(f"{where}: samples[{i}]['choices']: expected {K} choices (as samples[0]), "
+                             f"got {len(choices)}")
+        img = _field(s, "img_id", i, where)
+        for k, c in enumerate(choices):
+            c = _ids(c, f"samples[{i}]['choices'][{k}]", where) + ([] if sep_id is None else [int(sep_id)])
+            text.append((q + c, qt + [1] * len(c)))
+            img_ids.append(img)
+    imgs = _images(records, img_ids, where)
+    targets = {"pair_index": torch.arange(len(samples), dtype=torch.long).repeat_interleave(K)}
+    if _has_all(samples, ("label",), where):
+        targets["mc_labels"] = torch.tensor([_int_label(s, i, where, K) for i, s in enumerate(samples)],
+                                            dtype=torch.long)
+    meta = {"task": "mc", "ids": [s.get("id") for s in samples], "img_ids": img_ids}
+    return _batch(text, imgs, pad_id, targets, meta)
+
+
+def collate_ref(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *, pad_id: int = 0) -> VLBatch:
+    """Referring expressions (RefCOCO+-style region scoring): one row per expression;
+    ``ref_targets`` (B,) long, the index of the referred region among the image's
+    regions.  Samples: "target_region"."""
+    where = "collate_ref"
+    _check_samples(samples, where)
+    text = [_text(s, i, where) for i, s in enumerate(samples)]
+    img_ids = [_field(s, "img_id", i, where) for i, s in enumerate(samples)]
+    imgs = _images(records, img_ids, where)
+    targets: dict[str, Tensor] = {}
+    if _has_all(samples, ("target_region",), where):
+        tgt = []
+        for i, (s, n) in enumerate(zip(samples, imgs.num_boxes)):
+            r = s["target_region"]
+            if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or not 0 <= r < n:
+                raise ValueError(f"{where}: samples[{i}]['target_region']: expected a region index in "
+                                 f"[0, {n}) (image {img_ids[i]!r}), got {r!r}")
+            tgt.append(int(r))
+        targets["ref_targets"] = torch.tensor(tgt, dtype=torch.long)
+    meta = {"task": "ref", "ids": [s.get("id") for s in samples], "img_ids": img_ids}
+    return _batch(text, imgs, pad_id, targets, meta)
+
+
+def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *,
+                      rng: Optional[RngLike] = None, num_negatives: int = 0,
+                      image_pool: Optional[Sequence[Any]] = None, pad_id: int = 0) -> VLBatch:
+    """Image-text retrieval as ITM ranking (UNITER's ``ItmRankDataset``): sample b gives
+    a group of rows -- the positive (its text, its image) first, then (its text,
+    negative image) for each negative image, then (negative text, its image) for each
+    negative text.  Negative images are the sample's "neg_img_ids" when present (hard
+    negatives, or every other image at evaluation), else ``num_negatives`` draws from
+    ``image_pool`` (default: the records' keys) different from the positive; negative
+    texts come from "neg_input_ids".  Every sample must give the same number of rows.
+
+    targets: ``itm_labels`` (rows,) long (1 on each group's first row), ``pair_index``
+    (rows,) long.  meta["img_ids"] per row, meta["pos_img_ids"] per sample.
+    """
+    where = "collate_retrieval"
+    _check_samples(samples, where)
+    if not isinstance(num_negatives, (int, np.integer)) or num_negatives < 0:
+        raise ValueError(f"{where}: num_negatives: expected an int >= 0, got {num_negatives!r}")
+    g = None
+    pool = None
+    text, img_ids, labels, index = [], [], [], []
+    n_rows = None
+    pos_ids = []
+    for i, s in enumerate(samples):
+        t = _text(s, i, where)
+        pos = _field(s, "img_id", i, where)
+        pos_ids.append(pos)
+        if "neg_img_ids" in s:
+            negs = list(s["neg_img_ids"])
+            if pos in negs:
+                raise ValueError(f"{where}: samples[{i}]['neg_img_ids']: contains the positive image {pos!r}")
+        else:
+            if num_negatives and g is None:
+                if rng is None:
+                    raise ValueError(f"{where}: rng: needed to draw {num_negatives} negatives per sample")
+                g = _rng(rng, where)
+                pool = list(records.keys()) if image_pool is None else image_pool
+            negs = [_sample_negative(pool, pos, g, where) for _ in range(num_negatives)]
+        neg_txt = [_ids(x, f"samples[{i}]['neg_input_ids'][{k}]", where)
+                   for k, x in enumerate(s.get("neg_input_ids", ()))]
+        rows = [(t, pos)] + [(t, n) for n in negs] + [((x, [0] * len(x)), pos) for x in neg_txt]
+        if n_rows is None:
+            n_rows = len(rows)
+        elif len(rows) != n_rows:
+            raise ValueError(f"{where}: samples[{i}]: expected {n_rows} rows (1 + negatives, as samples[0]), "
+                             f"got {len(rows)}")
+        for k, (tx, im) in enumerate(rows):
+            text.append(tx)
+            img_ids.append(im)
+            labels.append(1 if k == 0 else 0)
+            index.append(i)
+    imgs = _images(records, img_ids, where)
+    targets = {"itm_labels": torch.tensor(labels, dtype=torch.long),
+               "pair_index": torch.tensor(index, dtype=torch.long)}
+    meta = {"task": "retrieval", "ids": [s.get("id") for s in samples], "img_ids": img_ids,
+            "pos_img_ids": pos_ids}
+    return _batch(text, imgs, pad_id, targets, meta)
+
+
+# ----------------------------------------------------------------------------------
+# The collate_fn object
+# ----------------------------------------------------------------------------------
+
+def _batch_key(samples: Sequence[Sample]) -> list[int]:
+    """A stable (process-independent) digest of the batch's sample identities."""
+    h = hashlib.blake2b(digest_size=16)
+    for s in samples:
+        if "id" in s:
+            h.update(b"i" + repr(s["id"]).encode())
+        else:
+            h.update(b"t" + np.asarray(s.get("input_ids", ()), dtype=np.int64).tobytes())
+            h.update(b"m" + repr(s.get("img_id", s.get("img_ids"))).encode())
+        h.update(b"|")
+    d = h.digest()
+    return [int.from_bytes(d[k:k + 4], "little") for k in range(0, 16, 4)]
+
+
+class Collator:
+    """A DataLoader ``collate_fn``: ``collator(samples) -> VLBatch`` for one task.
+
+    The records and options are bound once; the image pool for negatives is the
+    records' keys, listed once.  Each batch's generator is
+    ``default_rng([seed, epoch, digest of the samples' ids])``, so masks and
+    negatives do not depend on the worker, the batch order or a resume.
+    ``set_epoch`` changes them per epoch (DataLoader workers copy the collator when
+    an epoch's iterator starts, so call it before iterating; with
+    ``persistent_workers`` the epoch stays the one the workers started with).
+    """
+
+    def __init__(self, task: str, records: Mapping[str, ImageRecord], *, seed: int = 0,
+                 **options: Any) -> None:
+        if task not in PRETRAIN_TASKS + FINETUNE_TASKS:
+            raise ValueError(f"Collator: task: expected one of {PRETRAIN_TASKS + FINETUNE_TASKS}, got {task!r}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"Collator: seed: expected a non-negative int, got {seed!r}")
+        allowed = _OPTIONS["pretrain" if task in PRETRAIN_TASKS else task]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"Collator[{task}]: unknown options {unknown}; this task takes {sorted(allowed)}")
+        self.task = task
+        self.records = records
+        self.seed = int(seed)
+        self.epoch = 0
+        self.options = dict(options)
+        if task in ("itm", "retrieval") and self.options.get("image_pool") is None:
+            self.options["image_pool"] = list(records.keys())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, samples: Sequence[Sample]) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch] + _batch_key(samples))
+
+    def __call__(self, samples: Sequence[Sample]) -> VLBatch:
+        t = self.task
+        if t in PRETRAIN_TASKS:
+            return collate_pretrain(samples, t, self.records, rng=self.rng(samples), **self.options)
+        if t == "vqa":
+            return collate_vqa(samples, self.records, **self.options)
+        if t == "nlvr2":
+            return collate_nlvr2(samples, self.records, **self.options)
+        if t == "mc":
+            return collate_mc(samples, self.records, **self.options)
+        if t == "ref":
+            return collate_ref(samples, self.records, **self.options)
+        return collate_retrieval(samples, self.records, rng=self.rng(samples), **self.options)
+
+
+_OPTIONS = {
+    "pretrain": ("mask_id", "vocab_range", "special_ids", "mask_prob", "itm_neg_prob", "image_pool",
+                 "iou_threshold", "iou_offset", "pad_id", "backend"),
+    "vqa": ("answer_map", "pad_id"),
+    "nlvr2": ("pad_id",),
+    "mc": ("sep_id", "pad_id"),
+    "ref": ("pad_id",),
+    "retrieval": ("num_negatives", "image_pool", "pad_id"),
+}
+
+
+def make_collator(task: str, records: Mapping[str, ImageRecord], *, seed: int = 0, **options: Any) -> Collator:
+    """The :class:`Collator` of ``task`` (a pretraining task or "vqa", "nlvr2", "mc",
+    "ref", "retrieval") over ``records``; ``options`` are the keyword arguments of the
+    task's collate function (e.g. ``mask_id``/``vocab_range``/``special_ids`` for
+    "mlm", ``answer_map`` for "vqa")."""
+    return Collator(task, records, seed=seed, **options)
+
+
+# ----------------------------------------------------------------------------------
+# Packing (padding-free path)
+# ----------------------------------------------------------------------------------
+
+def _lengths(lengths: Any, where: str) -> np.ndarray:
+    arr = lengths.detach().cpu().numpy() if isinstance(lengths, Tensor) else np.asarray(lengths)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{where}: lengths: expected a 1-d sequence of ints, got shape {arr.shape} "
+                         f"dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{where}: lengths: expected lengths >= 0, got {arr.min()}")
+    return arr
+
+
+def pack_offsets(lengths: Any) -> Tensor:
+    """(B,) lengths -> cu_seqlens (B+1,) int32: 0, l0, l0+l1, ... (varlen attention's)."""
+    arr = _lengths(lengths, "pack_offsets")
+    cu = np.zeros(arr.size + 1, dtype=np.int64)
+    np.cumsum(arr, out=cu[1:])
+    if cu[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"pack_offsets: lengths: total {cu[-1]} overflows int32 cu_seqlens")
+    return torch.from_numpy(cu.astype(np.int32))
+
+
+@_njit
+def _packed_index_kernel(a_lens, a_width, b_lens, b_width, out):
+    row = a_width + b_width
+    k = 0
+    for s in range(a_lens.shape[0]):
+        base = s * row
+        for i in range(a_lens[s]):
+            out[k] = base + i
+            k += 1
+        for i in range(b_lens[s]):
+            out[k] = base + a_width + i
+            k += 1
+
+
+def _packed_index_numpy(a_lens, a_width, b_lens, b_width):
+    row = a_width + b_width
+    B = a_lens.size
+    starts = np.stack([np.arange(B) * row, np.arange(B) * row + a_width], 1).reshape(-1)
+    lens = np.stack([a_lens, b_lens], 1).reshape(-1)
+    cu = np.zeros(lens.size + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    return np.repeat(starts - cu[:-1], lens) + np.arange(cu[-1])
+
+
+def _packed(a_lens, a_width, b_lens, b_width, backend, where):
+    if a_lens.size and a_lens.max() > a_width:
+        raise ValueError(f"{where}: a length {a_lens.max()} exceeds the padded width {a_width}")
+    if b_lens.size and b_lens.max() > b_width:
+        raise ValueError(f"{where}: a length {b_lens.max()} exceeds the padded width {b_width}")
+    if _use_numba(backend, where):
+        out = np.empty(int(a_lens.sum() + b_lens.sum()), dtype=np.int64)
+        _packed_index_kernel(a_lens, a_width, b_lens, b_width, out)
+    else:
+        out = _packed_index_numpy(a_lens, a_width, b_lens, b_width)
+    return torch.from_numpy(out)
+
+
+def packed_index(lengths: Any, max_len: int, backend: str = "auto") -> Tensor:
+    """(B,) lengths of left-aligned rows padded to ``max_len`` -> (total,) int64 flat
+    positions of the real tokens in the (B*max_len) view, row by row (what
+    ``Packed.from_mask`` computes from the mask, without a device sync)."""
+    arr = _lengths(lengths, "packed_index")
+    return _packed(arr, int(max_len), np.zeros_like(arr), 0, backend, "packed_index")
+
+
+def joint_packed_index(txt_lens: Any, num_boxes: Any, max_txt: int, max_boxes: int,
+                       backend: str = "auto") -> Tensor:
+    """Flat positions of the real tokens of the joint sequence [text (max_txt) |
+    regions (max_boxes)] per row -- each sample's words, then its regions (UNITER's
+    packed layout) -- in the (B*(max_txt+max_boxes)) view.  (total,) int64."""
+    a = _lengths(txt_lens, "joint_packed_index")
+    b = _lengths(num_boxes, "joint_packed_index")
+    if a.size != b.size:
+        raise ValueError(f"joint_packed_index: num_boxes: expected {a.size} entries (as txt_lens), got {b.size}")
+    return _packed(a, int(max_txt), b, int(max_boxes), backend, "joint_packed_index")
