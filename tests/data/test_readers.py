@@ -547,4 +547,5 @@ def test_txt_db_roundtrip_official_bytes_and_errors(tmp_path):
 def test_uniter_db_name_matches_convert_imgdir():
     assert uniter_db_name(0.2, 100, 10) == "feat_th0.2_max100_min10_compressed"
     assert uniter_db_name(-1, num_bb=36, compress=False) == "feat_numbb36"
+    assert uniter_db_name(0, 50, 5, compress=False) == "feat_th0.0_max50_min5"  # argparse type=float
     assert uniter_db_name(keep_all=True) == "all_compressed"

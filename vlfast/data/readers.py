@@ -566,12 +566,12 @@ def uniter_db_name(conf_th: float = 0.2, max_bb: int = 100, min_bb: int = 10, nu
     elif conf_th == -1:
         name = f"feat_numbb{num_bb}"
     else:
-        name = f"feat_th{conf_th}_max{max_bb}_min{min_bb}"
+        name = f"feat_th{float(conf_th)}_max{max_bb}_min{min_bb}"  # UNITER parses conf_th as a float
     return name + ("_compressed" if compress else "")
 
 
 def _uniter_nbb_name(conf_th: float, max_bb: int, min_bb: int) -> str:
-    return f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json"
+    return f"nbb_th{float(conf_th)}_max{max_bb}_min{min_bb}.json"
 
 
 _UNITER_DB_RE = re.compile(r"^(?:feat_th(?P<th>[-+0-9.eE]+)_max(?P<max>\d+)_min(?P<min>\d+)"
