@@ -429,7 +429,9 @@ class FeatureStore(Mapping):
         return self._read(k)
 
     def num_boxes(self, key: Any) -> int:
-        """Number of regions the record of ``key`` has (as ``store[key]`` returns it)."""
+        """Number of regions of ``key``'s record, cached after the first call: the rows
+        ``store[key]`` returns, except for UNITER's fixed ``num_bb`` / nbb table (see
+        :class:`UniterFeatureStore`), which is reported as the official reader does."""
         k = _norm_key(key)
         if k not in self._keyset():
             raise _missing(self.path, k)
