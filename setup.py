@@ -265,7 +265,10 @@ setup(
     include_package_data=False,
     ext_modules=[CMakeExtension("vlfast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild, "build_py": CleanBuildPy},
-    install_requires=["torch>=2.4", "numpy", "safetensors"],
+    # tokenizers: WordPiece; lmdb/msgpack: feature stores; numba: per-sample collation loops;
+    # pyyaml: configs; tqdm/tensorboard: progress and metrics; nvtx: NVTX ranges for Nsight.
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "lmdb", "msgpack", "numba", "pyyaml",
+                      "tqdm", "tensorboard", "nvtx"],
     extras_require={
         # torch.library.opcheck runs on torch 2.13 without expecttest/hypothesis; expecttest is
         # kept for torch's testing helpers.
