@@ -132,8 +132,9 @@ def _text(sample: Sample, i: int, where: str) -> tuple[list[int], list[int]]:
 def _record(records: Mapping[str, ImageRecord], img_id: Any, where: str) -> ImageRecord:
     try:
         rec = records[img_id]
-    except KeyError:
-        raise KeyError(f"{where}: image record {img_id!r}: not found in the records") from None
+    except KeyError as e:
+        why = "not found in the records" if e.args in ((), (img_id,)) else str(e.args[0])
+        raise KeyError(f"{where}: image record {img_id!r}: {why}") from e
     if not isinstance(rec, ImageRecord):
         raise TypeError(f"{where}: image record {img_id!r}: expected an ImageRecord, got {type(rec).__name__}")
     if rec.num_boxes < 1:
