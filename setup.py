@@ -265,9 +265,9 @@ setup(
     include_package_data=False,
     ext_modules=[CMakeExtension("vlfast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild, "build_py": CleanBuildPy},
-    # tokenizers: WordPiece; lmdb/msgpack: feature stores; numba: per-sample collation loops;
+    # tokenizers: WordPiece; lmdb/msgpack/lz4: feature stores and text DBs; numba: per-sample collation loops;
     # pyyaml: configs; tqdm/tensorboard: progress and metrics; nvtx: NVTX ranges for Nsight.
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "lmdb", "msgpack", "numba", "pyyaml",
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "lmdb", "msgpack", "lz4", "numba", "pyyaml",
                       "tqdm", "tensorboard", "nvtx"],
     extras_require={
         # torch.library.opcheck runs on torch 2.13 without expecttest/hypothesis; expecttest is
