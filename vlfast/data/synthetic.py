@@ -375,7 +375,7 @@ class SyntheticWorld:
 
         C = self.n_classes
         logits = self.label_noise * g.standard_normal((R, C))
-        peak = 2.0 + 6.0 * sc.conf.astype(np.float64)
+        peak = 1.5 + 4.0 * sc.conf.astype(np.float64)
         cls = 1 + col[oi] * ns + shp[oi]
         logits[rows, cls] += peak[rows]
         # confusions: classes sharing the colour or the shape
@@ -421,36 +421,53 @@ class SyntheticWorld:
         return [f for f in _FORMS if not exclude.intersection(f) and len(self._matching(sc, f, v)) == 1]
 
     def _describe(self, sc: Scene, i: int, r: random.Random, exclude: frozenset = frozenset(),
-                  sup: bool = True, rel: bool = False, p_rel: float = 0.0) -> Optional[list[str]]:
+                  sup: bool = True, rel: bool = False, p_rel: float = 0.0,
+                  p_sup: float = 0.0) -> Optional[list[str]]:
         """Words (no leading "the") of an expression that names exactly object i:
         [size] [colour] shape|object, or "<superlative> ..." or "... <relation> the <anchor>";
-        attributes in ``exclude`` are never mentioned (of object i).  None if none exists."""
-        m = self.relation_margin
+        attributes in ``exclude`` are never mentioned (of object i).  A relational
+        (superlative) form is tried first with probability p_rel (p_sup), else only when
+        no plain form is unique.  None if no expression exists."""
         v = self._vals(sc, i)
         forms = [f for f in _FORMS if not exclude.intersection(f)] + [()]
         if rel and r.random() < p_rel:
             out = self._describe_rel(sc, i, r, forms)
             if out is not None:
                 return out
+        sup_first = sup and r.random() < p_sup
+        if sup_first:
+            out = self._describe_sup(sc, i, r, forms)
+            if out is not None:
+                return out
         plain = [f for f in forms if f and len(self._matching(sc, f, v)) == 1]
         if plain:
             return self._np(r.choice(plain), v)
-        if sup:
-            opts = []
-            for f in forms:
-                M = self._matching(sc, f, v)
-                if len(M) < 2:
-                    continue
-                for name, (axis, sign) in SUPERLATIVES.items():
-                    me = sign * sc.pos(i, axis)
-                    if all(me - sign * sc.pos(j, axis) > m for j in M if j != i):
-                        opts.append((name, f))
-            if opts:
-                name, f = r.choice(opts)
-                return [name] + self._np(f, v)
+        if sup and not sup_first:
+            out = self._describe_sup(sc, i, r, forms)
+            if out is not None:
+                return out
         if rel:
             return self._describe_rel(sc, i, r, forms)
         return None
+
+    def _describe_sup(self, sc: Scene, i: int, r: random.Random,
+                      forms: list[tuple[str, ...]]) -> Optional[list[str]]:
+        """"<superlative> <np>" naming object i (clear by the margin), or None."""
+        m = self.relation_margin
+        v = self._vals(sc, i)
+        opts = []
+        for f in forms:
+            M = self._matching(sc, f, v)
+            if len(M) < 2:
+                continue
+            for name, (axis, sign) in SUPERLATIVES.items():
+                me = sign * sc.pos(i, axis)
+                if all(me - sign * sc.pos(j, axis) > m for j in M if j != i):
+                    opts.append((name, f))
+        if not opts:
+            return None
+        name, f = r.choice(opts)
+        return [name] + self._np(f, v)
 
     def _describe_rel(self, sc: Scene, i: int, r: random.Random,
                       forms: list[tuple[str, ...]]) -> Optional[list[str]]:
@@ -720,7 +737,8 @@ class SyntheticWorld:
 
     def _q_attr(self, sc: Scene, r: random.Random, attr: str):
         i = r.randrange(sc.n_objects)
-        d = self._describe(sc, i, r, exclude=frozenset([attr]), sup=True, rel=True, p_rel=0.3)
+        d = self._describe(sc, i, r, exclude=frozenset([attr]), sup=True, rel=True, p_rel=0.3,
+                           p_sup=0.15)
         if d is None:
             return None
         ans = {"colour": self.colours, "shape": self.shapes, "size": SIZES}[attr][sc.attr(i, attr)]
@@ -760,7 +778,7 @@ class SyntheticWorld:
         for i in targets:
             if len(out) == self.refs_per_image:
                 break
-            d = self._describe(sc, i, r, sup=True, rel=True, p_rel=0.35)
+            d = self._describe(sc, i, r, sup=True, rel=True, p_rel=0.35, p_sup=0.2)
             if d is None:
                 continue
             out.append({"ref_id": sc.index * self.refs_per_image + len(out), "img_id": sc.img_id,
