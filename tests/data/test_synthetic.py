@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vlfast.data.batch import ImageRecord
+from vlfast.data.readers import FeatureStore, FeatureStoreError
 from vlfast.data.synthetic import COUNT_WORDS, SPLITS, SyntheticWorld
 
 
@@ -239,9 +240,16 @@ def test_records(small):
     assert n_obj_correct / n_obj > 0.95 and n_bg_correct / n_bg > 0.6
     assert w.class_names[0] == "__background__" and w.class_names[1] == "red cube"
     assert len(w.class_names) == w.n_classes == 1 + 8 * 6
-    with pytest.raises(KeyError, match="img999999"):
+    with pytest.raises(FeatureStoreError, match="img999999"):
         w.images["img999999"]
+    with pytest.raises(KeyError, match="img999999"):
+        w.images.num_boxes("img999999")
+    with pytest.raises(KeyError, match="img999999"):
+        w.scene("img999999")
     assert "img000000" in w.images and "nope" not in w.images and list(w.images) == w.img_ids
+    assert isinstance(w.images, FeatureStore) and len(w.images) == 150
+    assert w.images.lengths(w.img_ids[:3]) == [w.scene(k).n_regions for k in w.img_ids[:3]]
+    assert w.images.name2nbb == {k: w.scene(k).n_regions for k in w.img_ids}
 
 
 def test_features_follow_attributes():
@@ -319,6 +327,9 @@ def test_vqa_answers_are_the_scene(small):
         assert len(e["answers"]) == 10 and all(a in w.answer2label for a in e["answers"])
         c = collections.Counter(e["answers"])
         assert e["target"] == {a: min(1.0, n / 3) for a, n in c.items()}
+        # annotators who disagree give an answer of the same kind
+        assert all((a in ("yes", "no")) == (e["answer"] in ("yes", "no")) and a.isdigit() == e["answer"].isdigit()
+                   for a in e["answers"])
         assert e["answer_type"] == ("yes/no" if e["answer"] in ("yes", "no") else
                                     "number" if e["answer"].isdigit() else "other")
         types[e["question_type"]] += 1

@@ -16,8 +16,10 @@ plus one whole-image region and 0-2 background regions, sorted by confidence):
   peaked at the true class, with detector noise and extra mass on classes that share
   the colour or the shape.
 
-``world.images`` is a Mapping ``img_id -> ImageRecord`` that builds each record on
-access (a few hundred microseconds), deterministic per image.
+``world.images`` is a feature store (a Mapping ``img_id -> ImageRecord``, the
+interface of :mod:`vlfast.data.readers`) that builds each record on access (well
+under a millisecond), deterministic per image; ``world.scene(img_id)`` is the ground
+truth (:class:`Scene`).
 
 Task examples are plain dicts, per split (``"train"``, ``"val"``, ``"test"``; images
 are split, seeded).  ``world.<task>(split=None)`` returns the list (``None``: all
@@ -54,13 +56,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from vlfast.data.batch import ImageRecord
+from vlfast.data.readers import FeatureStore
 
 __all__ = ["SyntheticWorld", "SyntheticImages", "Scene", "COLOURS", "SHAPES", "SIZES",
            "COUNT_WORDS", "RELATIONS", "SUPERLATIVES", "SPLITS", "TASKS"]
@@ -135,28 +137,24 @@ class Scene:
         return self.cx[i] if axis == 0 else self.cy[i]
 
 
-class SyntheticImages(Mapping):
-    """``img_id -> ImageRecord`` for a :class:`SyntheticWorld`; records are built on
-    access (deterministic per image, nothing cached).  ``num_boxes(img_id)`` gives a
-    record's region count without building it."""
+class SyntheticImages(FeatureStore):
+    """The world's images as a feature store (:class:`vlfast.data.readers.FeatureStore`):
+    a read-only Mapping ``img_id -> ImageRecord`` whose records are built on access
+    (deterministic per image, nothing cached), with ``num_boxes(img_id)`` /
+    ``name2nbb`` / ``lengths()`` answered from the scenes without building records.
+    A missing id raises ``FeatureStoreError`` (a KeyError) naming it."""
 
     def __init__(self, world: "SyntheticWorld") -> None:
+        super().__init__()
         self._world = world
+        self.path = f"<SyntheticWorld seed={world.seed}>"
+        self._keys = world.img_ids
 
-    def __getitem__(self, img_id: str) -> ImageRecord:
-        return self._world._record(self._world._index_of(img_id, "images"))
+    def _read(self, key: str) -> ImageRecord:
+        return self._world._record(self._world._index[key])
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._world.img_ids)
-
-    def __len__(self) -> int:
-        return len(self._world.img_ids)
-
-    def __contains__(self, img_id: object) -> bool:
-        return img_id in self._world._index
-
-    def num_boxes(self, img_id: str) -> int:
-        return self._world._scenes[self._world._index_of(img_id, "images")].n_regions
+    def _count(self, key: str) -> int:
+        return self._world._scenes[self._world._index[key]].n_regions
 
 
 def _article(word: str) -> str:
@@ -685,7 +683,8 @@ class SyntheticWorld:
             counts: dict[str, int] = {}
             for a in answers:
                 counts[a] = counts.get(a, 0) + 1
-            out.append({"qid": sc.index * self.questions_per_image + len(out), "img_id": sc.img_id, "question": question,
+            out.append({"qid": sc.index * self.questions_per_image + len(out), "img_id": sc.img_id,
+                        "question": question,
                         "answers": answers, "target": {a: min(1.0, c / 3) for a, c in counts.items()},
                         "answer": answer,
                         "answer_type": {"yesno": "yes/no", "number": "number"}.get(kind, "other"),
@@ -696,10 +695,11 @@ class SyntheticWorld:
         """A wrong annotator answer of the same kind."""
         if kind == "yesno":
             return "no" if answer == "yes" else "yes"
-        if kind == "number":
-            if r.random() < 0.3:
-                return str(r.randint(0, self.max_objects))
-            return str(min(self.max_objects, max(0, int(answer) + r.choice((-1, 1)))))
+        if kind == "number":  # mostly off by one, sometimes anything
+            n = int(answer)
+            near = [k for k in (n - 1, n + 1) if 0 <= k <= self.max_objects]
+            far = [k for k in range(self.max_objects + 1) if k != n]
+            return str(r.choice(far if r.random() < 0.3 else near))
         pool = {"colour": self.colours, "shape": self.shapes, "size": SIZES}[kind]
         return r.choice([p for p in pool if p != answer])
 
@@ -891,7 +891,8 @@ class SyntheticWorld:
                 a, b = r.sample(ids, 2)
                 res = tmpl(self._scenes[a], self._scenes[b], r, params)
                 if res is not None and res[1] == want:
-                    out.append({"identifier": f"{split}-{len(out)}", "img_ids": (self.img_ids[a], self.img_ids[b]),
+                    out.append({"identifier": f"{split}-{len(out)}",
+                                "img_ids": (self.img_ids[a], self.img_ids[b]),
                                 "statement": res[0], "label": want})
                     break
         return out

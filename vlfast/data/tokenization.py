@@ -190,7 +190,8 @@ class VLTokenizer:
     @staticmethod
     def _check_max_len(max_len: Optional[int], least: int, what: str) -> None:
         if max_len is not None and (not isinstance(max_len, int) or max_len < least):
-            raise ValueError(f"VLTokenizer.{what}: max_len: expected None or an int >= {least}, got {max_len!r}")
+            raise ValueError(f"VLTokenizer.{what}: max_len: expected None or an int >= {least}, "
+                             f"got {max_len!r}")
 
     def tokenize(self, text: str) -> list[str]:
         """Wordpieces of ``text`` (no special tokens added)."""
@@ -216,7 +217,8 @@ class VLTokenizer:
         return [[self.cls_id] + e.ids[:cut] + [self.sep_id]
                 for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_pair(self, text_a: str, text_b: str, max_len: Optional[int] = None) -> tuple[list[int], list[int]]:
+    def encode_pair(self, text_a: str, text_b: str,
+                    max_len: Optional[int] = None) -> tuple[list[int], list[int]]:
         """``[CLS] a [SEP] b [SEP]`` -> (ids, token_type_ids); when longer than
         ``max_len``, tokens are removed from the end of the longer segment (of b on ties)."""
         self._check_text(text_a, "encode_pair")
