@@ -25,7 +25,9 @@ Task examples are plain dicts, per split (``"train"``, ``"val"``, ``"test"``; im
 are split, seeded).  ``world.<task>(split=None)`` returns the list (``None``: all
 splits); ``world.examples(task, split)`` does the same by name.  Texts are lowercase
 words separated by single spaces (punctuation is its own word), so word indices are
-indices into ``text.split()``.
+indices into ``text.split()`` (``VLTokenizer.encode_with_word_ids`` maps them to
+wordpieces).  The lists are new on every call but share their dicts: copy before
+changing one.  Counts per image below are the defaults (constructor arguments).
 
 * ``captions``: ``{"txt_id": str, "img_id": str, "text": str}`` -- 5 per image
   (template grammar: relations "left of" / "right of" / "above" / "below", counts,
