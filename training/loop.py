@@ -54,7 +54,8 @@ ranks), ``samples_per_s``/``tokens_per_s``, ``epoch/<task>``, ``time_s``), and
 evaluations as ``kind: "eval"`` records with ``eval/<name>`` keys.  TensorBoard gets
 the same scalars under ``train/...`` and ``eval/...``.  On resume, records of steps
 after the checkpoint (from the interrupted attempt) are dropped from the jsonl file and
-purged from TensorBoard, so both read as one uninterrupted run.
+purged from TensorBoard, so both read as one uninterrupted run (a fresh start in a
+directory without checkpoints likewise starts them anew).
 """
 from __future__ import annotations
 
@@ -386,7 +387,13 @@ class _Window:
         self.excluded = 0.0
 
     def add(self, key: str, value: Union[Tensor, float]) -> None:
-        v = value.detach().float().reshape(()) if isinstance(value, Tensor) else torch.tensor(float(value))
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"job.step: metric {key!r}: expected a scalar, got a tensor of shape "
+                                 f"{tuple(value.shape)}")
+            v = value.detach().float().reshape(())
+        else:
+            v = torch.tensor(_to_float(value, f"job.step: metric {key!r}"))
         v = v.to(self.device)
         self.sums[key] = self.sums[key] + v if key in self.sums else v
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -397,10 +404,9 @@ class _Window:
             torch.cuda.synchronize(self.device)
         seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         keys = sorted(self.sums)
-        flat = torch.stack([self.sums[k] for k in keys] +
-                           [torch.tensor(float(self.counts[k]), device=self.device) for k in keys] +
-                           [torch.tensor(float(self.samples), device=self.device),
-                            torch.tensor(float(self.tokens), device=self.device)]).double()
+        counts = [float(self.counts[k]) for k in keys] + [float(self.samples), float(self.tokens)]
+        flat = torch.cat([torch.stack([self.sums[k] for k in keys]).double(),
+                          torch.tensor(counts, dtype=torch.float64, device=self.device)])
         flat = all_reduce_sum(flat, info).cpu().tolist()
         n = len(keys)
         means = {k: flat[i] / max(flat[n + i], 1.0) for i, k in enumerate(keys)}
@@ -514,8 +520,22 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
     best: Optional[dict[str, Any]] = None
     streams: dict[str, _Stream] = {}
     if state is not None:
+        fresh = [{k: g[k] for k in ("lr_mult", "weight_decay", "betas", "eps", "initial_lr", "names")}
+                 for g in optimizer.param_groups]
+        saved_names = [g.get("names") for g in state["optimizer"]["param_groups"]]
+        if saved_names != [h["names"] for h in fresh]:
+            raise ValueError(f"resume: the optimizer parameter groups of {ckpt_path} differ from this config's "
+                             "(optim.lr_multipliers / optim.no_decay_1d or the model changed); a run cannot "
+                             "be resumed with other groups -- start a new run with --init-checkpoint instead")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The config's hyperparameters win over the saved ones, so a changed lr, schedule,
+        # weight decay, betas or eps takes effect (for an unchanged config this is a no-op).
+        factor = lr_factor(start_step + 1, cfg.warmup_steps, total)
+        for g, h in zip(optimizer.param_groups, fresh):
+            g.update(h)
+            g["lr"] = h["initial_lr"] * factor
+        scheduler.base_lrs = [h["initial_lr"] for h in fresh]
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         best = state.get("best")

@@ -107,13 +107,21 @@ def load_model_state(path: Path) -> nn.Module:
     return m
 
 
-def test_resume_with_a_changed_config_keeps_the_old_config(tmp_path, capsys):
-    train(toy.ToyJob(), tiny("optim.total_steps=4"), tmp_path)
-    train(toy.ToyJob(), tiny("optim.total_steps=6"), tmp_path, resume=True)
+def test_resume_with_a_changed_config_keeps_the_old_config_and_applies_the_new_one(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="toy crash"):
+        train(toy.ToyJob(crash_after=10), tiny(), tmp_path)  # checkpoint at step 4, crash in step 6
+    changed = tiny("optim.total_steps=14", "optim.lr=0.02", "optim.weight_decay=0.5", "checkpoint.keep_last=5")
+    train(toy.ToyJob(), changed, tmp_path, resume=True)
     out = capsys.readouterr().out
-    assert "optim.total_steps: 4 -> 6" in out
-    assert load_config(tmp_path / "config.step00000004.yaml").optim.total_steps == 4
-    assert load_config(tmp_path / "config.yaml").optim.total_steps == 6
+    assert "optim.lr: 0.01 -> 0.02" in out and "optim.total_steps: 12 -> 14" in out
+    assert load_config(tmp_path / "config.step00000004.yaml").optim.total_steps == 12
+    assert load_config(tmp_path / "config.yaml").optim.total_steps == 14
+    groups = load_checkpoint(tmp_path / "checkpoints" / "step_00000008.pt")["optimizer"]["param_groups"]
+    for g in groups:  # the new lr, schedule and weight decay, from the first resumed step on
+        assert g["initial_lr"] == 0.02 and g["lr"] == pytest.approx(0.02 * lr_factor(9, 2, 14), rel=1e-12)
+        assert g["weight_decay"] in (0.5, 0.0)
+    with pytest.raises(ValueError, match="optimizer parameter groups .* differ"):
+        train(toy.ToyJob(), tiny("optim.total_steps=14", "optim.lr_multipliers.heads=2"), tmp_path, resume=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,6 +258,16 @@ def test_jsonl_tensorboard_and_best_checkpoint(tmp_path):
     assert [s for s, _ in tb] == [2, 4, 6, 8, 10, 12]
     np.testing.assert_allclose([v for _, v in tb], [r["loss"] for r in recs], rtol=1e-6)
     assert [e.value for e in ea.Scalars("eval/score")] == pytest.approx([0.1, 0.5, 0.3])
+
+
+def test_progress_bar_shows_loss_and_throughput_and_plain_lines_replace_it(tmp_path, capsys):
+    train(toy.ToyJob(), tiny("logging.progress=on", "optim.total_steps=4", "eval.at_end=false"), tmp_path / "a")
+    cap = capsys.readouterr()
+    assert "4/4" in cap.err and "loss=" in cap.err and "samples_s=" in cap.err and "tok_s=" in cap.err
+    assert "step 2/4 | loss" not in cap.out
+    train(toy.ToyJob(), tiny("logging.progress=off", "optim.total_steps=4", "eval.at_end=false"), tmp_path / "b")
+    cap = capsys.readouterr()
+    assert "step 2/4 | loss " in cap.out and "samples/s" in cap.out and "tokens/s" in cap.out and cap.err == ""
 
 
 def test_evaluation_does_not_change_the_training_trajectory(tmp_path):
