@@ -39,11 +39,16 @@ The job (see :class:`Job`) owns the model, the data and the losses:
 
 Task mixing (UNITER's): optimizer step n runs task :func:`task_for_step` (config.tasks,
 config.seed, n) for all of its micro-batches -- drawn by ratio from a generator seeded
-with (seed, n), so it is the same on every rank and after a resume.
+with (seed, n), so it is the same on every rank and after a resume.  A job may bring its
+own schedule as an optional method ``job.task_for_step(step) -> str`` (step 1-based);
+it must then be a pure function of the step, the same on every rank.
 
 SIGTERM: the handler only sets a flag; at the end of the current optimizer step every
 rank agrees to stop, a checkpoint is written, and ``train`` raises ``SystemExit(0)``
-(so the process exits 0; ``--resume`` continues the run).
+(so the process exits 0; ``--resume`` continues the run).  Schedulers and torchrun may
+signal the whole process group: a job whose DataLoader has worker processes should make
+them ignore SIGTERM (``worker_init_fn`` calling ``signal.signal(SIGTERM, SIG_IGN)``), or
+the main process loses its workers before it can reach the checkpoint.
 
 Logging: every ``logging.every`` steps rank 0 writes one jsonl record (``kind:
 "train"``: ``step``, ``lr`` (the base LR times the schedule factor), ``loss`` (mean
@@ -632,10 +637,15 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
         return metrics
 
     params = [p for p in model.parameters() if p.requires_grad]
+    job_schedule = getattr(job, "task_for_step", None)
+    if job_schedule is not None and not callable(job_schedule):
+        raise TypeError(f"job.task_for_step: expected a method (step -> task name), got {type(job_schedule).__name__}")
     step = start_step
     try:
         for step in range(start_step + 1, total + 1):
-            task = task_for_step(cfg.tasks, cfg.seed, step)
+            task = job_schedule(step) if job_schedule is not None else task_for_step(cfg.tasks, cfg.seed, step)
+            if not isinstance(task, str):
+                raise TypeError(f"job.task_for_step({step}): expected a task name (str), got {task!r}")
             stream = streams.get(task)
             if stream is None:
                 stream = streams[task] = _Stream(job, task)

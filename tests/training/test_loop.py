@@ -314,6 +314,16 @@ def test_task_mixing_by_ratio_is_a_pure_function_of_seed_and_step():
     assert task_for_step({"vqa": 1.0}, 0, 5) == "vqa"
 
 
+def test_a_job_may_bring_its_own_task_schedule(tmp_path):
+    class OwnSchedule(toy.ToyJob):
+        def task_for_step(self, step):
+            return "cls" if step % 3 == 0 else "reg"
+
+    job = OwnSchedule()
+    train(job, tiny("optim.total_steps=6", "eval.at_end=false"), tmp_path)
+    assert [t for t, _ in job.losses[::2]] == ["reg", "reg", "cls", "reg", "reg", "cls"]
+
+
 # ----------------------------------------------------------------------------------------
 # Init checkpoint, flags, job contract
 # ----------------------------------------------------------------------------------------
