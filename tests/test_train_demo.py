@@ -16,9 +16,9 @@ def test_demo_learns_and_varlen_matches_padded():
 
 
 def test_train_entry_point_runs():
-    p = subprocess.run([sys.executable, "-P", "-m", "vlfast.train", "--steps", "3"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-P", "-m", "vlfast.train", "--demo", "--steps", "3"], capture_output=True, text=True,
                        timeout=300)
     assert "first_loss" in p.stdout and "accuracy" in p.stdout, p.stdout + p.stderr
-    bad = subprocess.run([sys.executable, "-P", "-m", "vlfast.train", "--steps", "0"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-P", "-m", "vlfast.train", "--demo", "--steps", "0"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "--steps: expected an int >= 1, got 0" in bad.stderr

@@ -1,0 +1,398 @@
+"""Jobs: the data, model and losses of a training run, driven by :func:`loop.train`.
+
+A :class:`VLJob` is built from a :class:`~vlfast.training.config.TrainConfig`:
+
+* ``tasks`` names either pretraining tasks of the model (UNITER: mlm, itm (+WRA),
+  mrfr, mrc, mrc-kl; VisualBERT: mlm, sip; ViLBERT: mlm, masked_multimodal,
+  alignment; VL-BERT: mlm, masked_roi, itm) mixed by ratio, or ONE fine-tuning task
+  (vqa, nlvr2, vcr, refcoco);
+* ``data.source``: ``synthetic`` (the embedded world of :mod:`vlfast.data.synthetic`;
+  ``data.options``: seed, n_images, feat_dim, ...), or real features: a feature
+  store (``data.path``; uniter | vilbert | tsv | npz layouts) with UNITER-format text
+  DBs (``data.options.txt_db`` / ``val_txt_db``, ``vocab``: a WordPiece vocab file);
+* the model: ``model.name``/``size``/``config``; the model's vocabulary and region
+  feature size follow the data.
+
+Batches are a pure function of (seed, task, epoch, position): every rank draws the
+same permutation and takes its shard, so resumed and distributed runs see the same
+data.  Evaluation returns the same numbers on every rank.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlfast.data.batch import ImageRecord, VLBatch
+from vlfast.data.collate import Collator
+from vlfast.data.sampler import TokenBucketSampler
+from vlfast.data.tokenization import VLTokenizer
+
+from . import metrics as M
+from . import tasks as T
+from .config import TrainConfig
+from .loop import StepOutput
+from .pretrain import build_pretrain_model, make_config
+
+# pretraining task (objective) -> the collator task that prepares its batches
+PRETRAIN_COLLATE = {"mlm": "mlm", "itm": "itm", "sip": "itm", "alignment": "itm", "mrfr": "mrfr", "mrc": "mrc",
+                    "mrc-kl": "mrc-kl", "masked_multimodal": "mrm-vilbert", "masked_roi": "mrc-vlbert"}
+# fine-tuning task (head) -> collator task, and the example split names of the synthetic world
+FINETUNE_COLLATE = {"vqa": "vqa", "nlvr2": "nlvr2", "vcr": "mc", "refcoco": "ref"}
+SYNTHETIC_EXAMPLES = {"vqa": "vqa", "nlvr2": "nlvr2", "vcr": "mc", "refcoco": "refexp"}
+
+
+def _fail(arg: str, expected: str, got: object) -> None:
+    raise ValueError(f"VLJob: {arg}: expected {expected}, got {got}")
+
+
+def _task_seed(seed: int, task: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{task}".encode()).digest()[:4], "little")
+
+
+# ----------------------------------------------------------------------------------
+# Data sources: records (img_id -> ImageRecord), a tokenizer, tokenized examples
+# ----------------------------------------------------------------------------------
+
+class DataSource:
+    """What a job needs from its data: ``records``, ``tokenizer``, ``feat_dim``,
+    ``num_region_classes``, ``answers`` (VQA label map) and tokenized example dicts
+    per (task, split) in the collators' format (``id``, ``input_ids``, ``img_id``...)."""
+
+    records: Mapping[str, ImageRecord]
+    tokenizer: VLTokenizer
+    feat_dim: int
+    num_region_classes: int
+    answers: list[str]
+
+    def examples(self, task: str, split: str) -> list[dict[str, Any]]:
+        raise KeyError(task)
+
+
+class SyntheticSource(DataSource):
+    """The embedded synthetic world (``data.options``: the keyword arguments of
+    :class:`~vlfast.data.synthetic.SyntheticWorld`, e.g. seed, n_images, feat_dim)."""
+
+    def __init__(self, options: Mapping[str, Any], max_len: int = 40):
+        from vlfast.data.synthetic import SyntheticWorld
+
+        self.world = SyntheticWorld(**dict(options))
+        self.records = self.world.images
+        self.tokenizer = VLTokenizer.for_synthetic(self.world)
+        self.feat_dim = int(self.world.config["feat_dim"])
+        self.num_region_classes = int(self.world.n_classes)
+        self.answers = list(self.world.answer_vocab)
+        self.max_len = max_len
+        self._cache: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def examples(self, task: str, split: str) -> list[dict[str, Any]]:
+        key = (task, split)
+        if key not in self._cache:
+            self._cache[key] = self._build(task, split)
+        return self._cache[key]
+
+    def _build(self, task: str, split: str) -> list[dict[str, Any]]:
+        tok, w, L = self.tokenizer, self.world, self.max_len
+        if task in PRETRAIN_COLLATE:
+            return [{"id": e["txt_id"], "input_ids": tok.encode(e["text"], L), "img_id": e["img_id"]}
+                    for e in w.captions(split)]
+        if task == "vqa":
+            return [{"id": e["qid"], "input_ids": tok.encode(e["question"], L), "img_id": e["img_id"],
+                     "answers": list(e["answers"])} for e in w.vqa(split)]
+        if task == "nlvr2":
+            return [{"id": e["identifier"], "input_ids": tok.encode(e["statement"], L), "img_ids": list(e["img_ids"]),
+                     "label": int(bool(e["label"]))} for e in w.nlvr2(split)]
+        if task == "vcr":
+            out = []
+            for e in w.multiple_choice(split):
+                choices = [tok.encode(c, L)[1:-1] or [tok.unk_id] for c in e["choices"]]
+                out.append({"id": e["annot_id"], "input_ids": tok.encode(e["question"], L), "img_id": e["img_id"],
+                            "choices": choices, "label": int(e["label"])})
+            return out
+        if task == "refcoco":
+            return [{"id": e["ref_id"], "input_ids": tok.encode(e["text"], L), "img_id": e["img_id"],
+                     "target_region": int(e["target_region"])} for e in w.refexp(split)]
+        raise KeyError(f"the synthetic world has no examples for task {task!r}")
+
+
+class FeatureStoreSource(DataSource):
+    """Real features: a feature store (``data.path``, any layout of
+    :func:`vlfast.data.readers.open_feature_store`) and UNITER-format text DBs
+    (``options.txt_db``, ``options.val_txt_db``) with a WordPiece vocab
+    (``options.vocab``; default: the offline BERT's).  VQA targets come from the text
+    DB's ``target`` ({labels, scores}) and its ``ans2label.json``."""
+
+    def __init__(self, path: str, options: Mapping[str, Any], max_len: int = 60):
+        from vlfast.data.readers import open_feature_store
+        from vlfast.data.textdb import TxtDb
+        from vlfast.data.tokenization import load_wordpiece
+        from vlfast.models.base import bert_checkpoint_dir
+
+        if not path:
+            _fail("data.path", "a feature store path for a non-synthetic source", path)
+        opts = dict(options)
+        self.records = open_feature_store(path)
+        vocab = opts.get("vocab") or str(bert_checkpoint_dir() / "vocab.txt")
+        self.tokenizer = load_wordpiece(vocab)
+        first = next(iter(self.records.keys()))
+        self.feat_dim = int(self.records[first].features.shape[1])
+        self.num_region_classes = int(opts.get("num_region_classes", 1601))
+        self.dbs = {"train": opts.get("txt_db"), "val": opts.get("val_txt_db"), "test": opts.get("test_txt_db")}
+        if not self.dbs["train"]:
+            _fail("data.options.txt_db", "the training text DB of UNITER's format", self.dbs["train"])
+        self.answers = []
+        ans = Path(self.dbs["train"]) / "ans2label.json"
+        if ans.is_file():
+            a2l = json.loads(ans.read_text())
+            self.answers = [a for a, _ in sorted(a2l.items(), key=lambda kv: kv[1])]
+        self.max_len = max_len
+        self._TxtDb = TxtDb
+
+    def examples(self, task: str, split: str) -> list[dict[str, Any]]:
+        path = self.dbs.get(split)
+        if not path:
+            _fail(f"data.options.{split}_txt_db", f"a text DB for the {split} split", path)
+        db = self._TxtDb(path, max_txt_len=self.max_len)
+        out = []
+        for txt_id in db.id2len:
+            ex = db[txt_id]
+            ids = [self.tokenizer.cls_id] + list(ex["input_ids"])[: self.max_len - 2] + [self.tokenizer.sep_id]
+            s: dict[str, Any] = {"id": txt_id, "input_ids": ids, "img_id": ex["img_fname"]}
+            if task == "vqa" and "target" in ex:
+                s["answer_scores"] = {self.answers[int(lab)]: float(sc)
+                                      for lab, sc in zip(ex["target"]["labels"], ex["target"]["scores"])}
+            out.append(s)
+        return out
+
+
+def make_source(cfg: TrainConfig) -> DataSource:
+    if cfg.data.source == "synthetic":
+        return SyntheticSource(cfg.data.options)
+    if cfg.data.source in ("uniter", "vilbert", "tsv", "npz"):
+        return FeatureStoreSource(cfg.data.path or "", cfg.data.options)
+    _fail("data.source", "synthetic | uniter | vilbert | tsv | npz", repr(cfg.data.source))
+    raise AssertionError
+
+
+# ----------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------
+
+@dataclass
+class _TaskData:
+    examples: list[dict[str, Any]]
+    collator: Collator
+    lens: list[int] = field(default_factory=list)
+
+
+class VLJob:
+    """Pretraining (a mix of the model's objectives) or one fine-tuning task, on a
+    data source.  Implements the :class:`~vlfast.training.loop.Job` protocol."""
+
+    def __init__(self, cfg: TrainConfig, source: Optional[DataSource] = None, rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.source = source if source is not None else make_source(cfg)
+        tasks = list(cfg.tasks)
+        fine = [t for t in tasks if t in FINETUNE_COLLATE]
+        if fine and len(tasks) > 1:
+            _fail("tasks", "pretraining tasks, or exactly one fine-tuning task", tasks)
+        self.kind = "finetune" if fine else "pretrain"
+        self.tasks = tasks
+        src, tok = self.source, self.source.tokenizer
+        name = cfg.model.name
+        overrides = {"vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id}
+        feat_field = {"uniter": "img_dim", "vilbert": "v_feature_size", "vlbert": "visual_feat_dim",
+                      "visualbert": "visual_embedding_dim"}[name]
+        overrides[feat_field] = src.feat_dim
+        overrides.update(cfg.model.config)
+        model_cfg = make_config(name, {"size": cfg.model.size, **overrides})
+        if self.kind == "pretrain":
+            for t in tasks:
+                if t not in PRETRAIN_COLLATE:
+                    _fail("tasks", f"tasks of {sorted(PRETRAIN_COLLATE)} or one of {sorted(FINETUNE_COLLATE)}", t)
+            self.model: nn.Module = build_pretrain_model(name, model_cfg, tasks,
+                                                         num_region_classes=src.num_region_classes,
+                                                         padding_free=cfg.model.padding_free)
+        else:
+            task = tasks[0]
+            kw: dict[str, Any] = {"padding_free": cfg.model.padding_free}
+            if task == "vqa":
+                if not src.answers:
+                    _fail("data", "an answer label map for VQA (ans2label.json)", "none")
+                kw["answers"] = src.answers
+            self.model = T.head_for(task, model_cfg, **kw)
+        self.pad_id = tok.pad_id
+        self._train: dict[str, _TaskData] = {}
+        self._eval: dict[str, _TaskData] = {}
+
+    # -- data --------------------------------------------------------------------
+
+    def _collator(self, task: str, seed: int) -> Collator:
+        tok = self.source.tokenizer
+        if self.kind == "pretrain":
+            opts: dict[str, Any] = {"pad_id": tok.pad_id}
+            ct = PRETRAIN_COLLATE[task]
+            if ct == "mlm":
+                opts.update(mask_id=tok.mask_id, special_ids=sorted(tok.special_ids),
+                            vocab_range=(tok.random_token_ids.start, tok.random_token_ids.stop))
+            return Collator(ct, self.source.records, seed=seed, **opts)
+        ct = FINETUNE_COLLATE[task]
+        opts = {"pad_id": tok.pad_id}
+        if ct == "vqa":
+            opts["answer_map"] = {a: i for i, a in enumerate(self.source.answers)}
+        if ct == "mc":
+            opts["sep_id"] = tok.sep_id
+        return Collator(ct, self.source.records, seed=seed, **opts)
+
+    def _task_data(self, task: str, split: str) -> _TaskData:
+        cache = self._train if split == "train" else self._eval
+        if task not in cache:
+            ex = self.source.examples(task, split)
+            if not ex:
+                _fail(f"data ({split} split)", f"examples for task {task!r}", "none")
+            seed = _task_seed(self.cfg.seed, task) + (0 if split == "train" else 1)
+            lens = [len(e["input_ids"]) + self.source.records.num_boxes(e["img_id"])
+                    if hasattr(self.source.records, "num_boxes") and "img_id" in e else len(e["input_ids"])
+                    for e in ex]
+            cache[task] = _TaskData(ex, self._collator(task, seed), lens)
+        return cache[task]
+
+    def _batches_of_epoch(self, td: _TaskData, task: str, epoch: int) -> list[list[int]]:
+        """This rank's batches (lists of example indices) of an epoch."""
+        bs = self.cfg.data.batch_size
+        if self.cfg.data.batch_tokens > 0:
+            sampler = TokenBucketSampler(td.lens, bucket_size=8 * bs, batch_size=self.cfg.data.batch_tokens,
+                                         seed=_task_seed(self.cfg.seed, task), rank=self.rank,
+                                         world_size=self.world_size)
+            sampler.set_epoch(epoch)
+            return [list(b) for b in sampler.batches(epoch)]
+        rng = np.random.default_rng([_task_seed(self.cfg.seed, task), epoch])
+        perm = rng.permutation(len(td.examples))
+        per_rank = len(perm) // self.world_size
+        mine = perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        n = len(mine) // bs  # full batches only: every rank the same count, every micro-batch the same size
+        if n == 0:
+            _fail("data.batch_size", f"<= the examples per rank ({len(mine)}) of task {task!r}", bs)
+        return [mine[i * bs:(i + 1) * bs].tolist() for i in range(n)]
+
+    def train_batches(self, task: str, epoch: int, start: int) -> Iterator[VLBatch]:
+        td = self._task_data(task, "train")
+        td.collator.set_epoch(epoch)
+        for idx in self._batches_of_epoch(td, task, epoch)[start:]:
+            yield td.collator([td.examples[i] for i in idx])
+
+    # -- steps -------------------------------------------------------------------
+
+    def step(self, model: nn.Module, batch: VLBatch, task: str) -> StepOutput:
+        if self.kind == "pretrain":
+            res = model(batch, task)
+            return StepOutput(res.loss, res.metrics, batch.batch_size, batch.num_real_tokens)
+        out = model(batch)
+        return StepOutput(out.loss, {}, len(batch.meta.get("ids", ())) or batch.batch_size, batch.num_real_tokens)
+
+    # -- evaluation ----------------------------------------------------------------
+
+    def _eval_batches(self, task: str, split: str) -> Iterator[tuple[list[dict[str, Any]], VLBatch]]:
+        td = self._task_data(task, split)
+        bs = self.cfg.data.eval_batch_size
+        for i in range(0, len(td.examples), bs):
+            ex = td.examples[i:i + bs]
+            yield ex, td.collator(ex)
+
+    def evaluate(self, model: nn.Module, split: str = "val") -> dict[str, float]:
+        """Validation metrics: pretraining -> mean loss (and metrics) per task;
+        fine-tuning -> the task's score (vqa_score, accuracy)."""
+        device = next(model.parameters()).device
+        if self.kind == "pretrain":
+            out: dict[str, float] = {}
+            for task in self.tasks:
+                tot, n, sums = 0.0, 0, {}
+                for _, batch in self._eval_batches(task, split):
+                    res = model(batch.to(device), task)
+                    tot += float(res.loss) * batch.batch_size
+                    n += batch.batch_size
+                    for k, v in res.metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * batch.batch_size
+                out[f"loss/{task}"] = tot / max(n, 1)
+                out.update({k: v / max(n, 1) for k, v in sums.items()})
+            out["loss"] = float(np.mean([out[f"loss/{t}"] for t in self.tasks]))
+            return out
+        preds = self.predict(model, split)
+        return preds["metrics"]
+
+    def predict(self, model: nn.Module, split: str) -> dict[str, Any]:
+        """Predictions of the fine-tuning task on ``split``: {"ids", "predictions"
+        (answers / labels / region indices), "metrics" (when the split has labels)}."""
+        task = self.tasks[0]
+        device = next(model.parameters()).device
+        ids: list[Any] = []
+        preds: list[Any] = []
+        gold: list[Any] = []
+        for ex, batch in self._eval_batches(task, split):
+            out = model(batch.to(device))
+            ids += [e["id"] for e in ex]
+            if task == "vqa":
+                preds += model.answer_strings(out.predictions)
+                gold += [e.get("answers") for e in ex]
+            elif task == "nlvr2":
+                preds += [bool(p) for p in out.predictions.tolist()]
+                gold += [e.get("label") for e in ex]
+            elif task == "vcr":
+                preds += out.predictions.tolist()
+                gold += [e.get("label") for e in ex]
+            elif task == "refcoco":
+                preds += out.predictions.tolist()
+                gold += [e.get("target_region") for e in ex]
+        result: dict[str, Any] = {"ids": ids, "predictions": preds, "metrics": {}}
+        if gold and all(g is not None for g in gold):
+            if task == "vqa":
+                result["metrics"] = {"vqa_score": M.vqa_score(dict(zip(ids, preds)), dict(zip(ids, gold)))}
+            else:
+                p = [int(x) for x in preds]
+                result["metrics"] = {"accuracy": M.accuracy(p, [int(g) for g in gold])}
+        return result
+
+    def write_predictions(self, model: nn.Module, split: str, out_dir: Path) -> tuple[Path, dict[str, float]]:
+        """Run :meth:`predict` and write the benchmark's submission file into out_dir."""
+        from . import submission as S
+
+        task = self.tasks[0]
+        r = self.predict(model, split)
+        out_dir = Path(out_dir)
+        if task == "vqa":
+            path = S.write_vqa_submission(out_dir / f"vqa_{split}.json", r["ids"], r["predictions"])
+        elif task == "nlvr2":
+            path = S.write_nlvr2_predictions(out_dir / f"nlvr2_{split}.csv", r["ids"], r["predictions"])
+        elif task == "refcoco":
+            td = self._task_data(task, split)
+            boxes = []
+            for e, region in zip(td.examples, r["predictions"]):
+                rec = self.source.records[e["img_id"]]
+                x1, y1, x2, y2 = (float(v) for v in rec.boxes[int(region)])
+                boxes.append([x1 * rec.width, y1 * rec.height, (x2 - x1) * rec.width, (y2 - y1) * rec.height])
+            path = S.write_refcoco_predictions(out_dir / f"refcoco_{split}.json", r["ids"], boxes)
+        else:  # vcr: the chosen answer gets probability 1; no rationale model is trained here, so the
+            # rationale columns (required by the leaderboard format) are uniform
+            probs = torch.nn.functional.one_hot(torch.tensor(r["predictions"]), 4).float()
+            rationale = torch.full((len(r["ids"]), 4, 4), 0.25)
+            path = S.write_vcr_submission(out_dir / f"vcr_{split}.csv", r["ids"], probs, rationale)
+        return path, r["metrics"]
+
+    # -- state ---------------------------------------------------------------------
+
+    def data_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_data_state(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+__all__ = ["VLJob", "DataSource", "SyntheticSource", "FeatureStoreSource", "make_source", "PRETRAIN_COLLATE",
+           "FINETUNE_COLLATE"]
