@@ -512,7 +512,31 @@ def _release_env(key: tuple[int, int, int]) -> None:
                 entry[0].close()
 
 
-class _LmdbStore(FeatureStore):
+class _SharedEnvMixin:
+    """close / pickling / finaliser of an object holding a per-process shared LMDB
+    handle (``_env``, ``_env_key``): used by the LMDB feature stores and the text DB."""
+
+    _env: Any
+    _env_key: Any
+
+    def close(self) -> None:
+        if self._env is not None and self._env_key is not None and self._env_key[0] == os.getpid():
+            _release_env(self._env_key)
+        self._env, self._env_key = None, None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_env"], state["_env_key"] = None, None
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- never raise from a finaliser
+            pass
+
+
+class _LmdbStore(_SharedEnvMixin, FeatureStore):
     """An LMDB opened read-only, lazily in each process (safe with DataLoader workers)."""
 
     def __init__(self, db_dir: Path) -> None:
@@ -534,21 +558,6 @@ class _LmdbStore(FeatureStore):
         with self._environment().begin() as txn:
             return list(txn.cursor().iternext(keys=True, values=False))
 
-    def close(self) -> None:
-        if self._env is not None and self._env_key is not None and self._env_key[0] == os.getpid():
-            _release_env(self._env_key)
-        self._env, self._env_key = None, None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_env"], state["_env_key"] = None, None
-        return state
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 -- never raise from a finaliser
-            pass
 
 
 # ----------------------------------------------------------------------------------

@@ -29,15 +29,15 @@ import lmdb
 import lz4.frame
 import msgpack
 
-from vlfast.data.readers import (FeatureStoreError, _acquire_env, _atomic_path, _corrupt, _missing, _release_env,
-                                 _write_json_atomic, _write_lmdb, mp_dumps, mp_loads)
+from vlfast.data.readers import (FeatureStoreError, _SharedEnvMixin, _acquire_env, _atomic_path, _corrupt,
+                                 _missing, _write_json_atomic, _write_lmdb, mp_dumps, mp_loads)
 
 __all__ = ["TxtDb", "write_txt_db"]
 
 PathLike = Union[str, os.PathLike]
 
 
-class TxtDb(Mapping):
+class TxtDb(_SharedEnvMixin, Mapping):
     """UNITER's text DB at ``path`` (read-only): ``db[id] -> example dict``.
 
     ``max_txt_len`` keeps only ids with at most that many word pieces (UNITER's
@@ -167,21 +167,6 @@ class TxtDb(Mapping):
     def __repr__(self) -> str:
         return f"TxtDb({self.path!r}, {len(self)} examples)"
 
-    def close(self) -> None:
-        if self._env is not None and self._env_key is not None and self._env_key[0] == os.getpid():
-            _release_env(self._env_key)
-        self._env, self._env_key = None, None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_env"], state["_env_key"] = None, None
-        return state
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def write_txt_db(path: PathLike, examples: Union[Mapping[str, dict], Iterable[tuple[str, dict]]], *,
