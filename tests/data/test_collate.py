@@ -171,8 +171,7 @@ def test_vilbert_overlap_rule_by_hand(backend):
 
 
 def test_overlap_backends_agree():
-    if not masking.HAVE_NUMBA:
-        pytest.skip("numba not installed")
+    assert masking.HAVE_NUMBA, "numba is a dependency of vlfast (install_requires)"
     rng = np.random.default_rng(0)
     nb = rng.integers(1, 60, size=64)
     boxes = []
