@@ -65,9 +65,41 @@ def _atomic_write(path: Path, write) -> None:
 
 
 class PretrainedModel(nn.Module):
-    """save_pretrained / from_pretrained for a model holding ``self.config``."""
+    """save_pretrained / from_pretrained for a model holding ``self.config``, and
+    gradient checkpointing.
+
+    Gradient checkpointing: every submodule with a ``gradient_checkpointing`` attribute
+    (the encoders: ``BertEncoder``, ``ViLBertEncoder``) runs each layer under
+    ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` while training with
+    gradients enabled -- layer activations are recomputed in the backward instead of
+    stored.  The RNG state is replayed, so the gradients equal those without it
+    (dropout included).  Off by default; in eval mode it changes nothing.
+    """
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint every encoder layer during training (see the class docstring)."""
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Store activations again (the default)."""
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """True when the encoder layers are checkpointed."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def _set_gradient_checkpointing(self, on: bool) -> None:
+        found = False
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing") and not isinstance(m, PretrainedModel):
+                m.gradient_checkpointing = bool(on)
+                found = True
+        if not found:
+            raise ValueError(f"{type(self).__name__}.gradient_checkpointing_enable: the model has no encoder "
+                             "supporting gradient checkpointing (a module with a gradient_checkpointing attribute)")
 
     def save_pretrained(self, directory: PathLike) -> Path:
         """Write config.json and model.safetensors into ``directory`` (atomically)."""

@@ -275,14 +275,26 @@ class BertLayer(nn.Module):
         return self.output(self.intermediate(a), a), probs
 
 
+def run_layer(layer: nn.Module, checkpointed: bool, *args: Any, **kwargs: Any) -> Any:
+    """``layer(*args, **kwargs)``, under ``torch.utils.checkpoint.checkpoint``
+    (non-reentrant, RNG state replayed) when ``checkpointed`` and gradients are on."""
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
+
+
 class BertEncoder(nn.Module):
-    """A stack of BertLayer (name: layer.N)."""
+    """A stack of BertLayer (name: layer.N).  ``gradient_checkpointing`` (set through
+    the model's ``gradient_checkpointing_enable()``): checkpoint each layer in training."""
 
     def __init__(self, n_layers: int, hidden: int, heads: int, intermediate: int, attn_dropout: float = 0.1,
                  dropout: float = 0.1, eps: float = 1e-12):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(hidden, heads, intermediate, attn_dropout, dropout, eps)
                                    for _ in range(n_layers))
+        self.gradient_checkpointing = False
 
     def forward(self, x: Tensor, mask: Tensor, *, padding_free: bool = False, output_attentions: bool = False,
                 output_hidden_states: bool = False) -> tuple[Tensor, Optional[list[Tensor]], Optional[list[Tensor]]]:
@@ -291,13 +303,14 @@ class BertEncoder(nn.Module):
         attention maps)."""
         states: Optional[list[Tensor]] = [] if output_hidden_states else None
         attns: Optional[list[Tensor]] = [] if output_attentions else None
+        ck = self.gradient_checkpointing and self.training
         if padding_free and not output_attentions:
             packed = Packed.from_mask(mask)
             h = packed.pack(x)
             if states is not None:
                 states.append(packed.unpack(h))
             for layer in self.layer:
-                h, _ = layer(h, packed=packed)
+                h, _ = run_layer(layer, ck, h, packed=packed)
                 if states is not None:
                     states.append(packed.unpack(h))
             return packed.unpack(h), states, attns
@@ -305,7 +318,7 @@ class BertEncoder(nn.Module):
         if states is not None:
             states.append(h * mask[..., None])
         for layer in self.layer:
-            h, probs = layer(h, mask, output_attentions=output_attentions)
+            h, probs = run_layer(layer, ck, h, mask, output_attentions=output_attentions)
             if states is not None:
                 states.append(h * mask[..., None])
             if attns is not None:
