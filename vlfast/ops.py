@@ -11,6 +11,11 @@ from vlfast.kernels.attention.op import (attention, attention_keep_mask, varlen_
                                          varlen_keep_mask)
 from vlfast.kernels.co_attention.op import co_attention, co_attention_keep_masks
 from vlfast.kernels.dropout_mask import keep_mask
+from vlfast.kernels.embeddings.op import (embeddings_keep_mask, text_embeddings, text_embeddings_keep_mask,
+                                          uniter_visual_embeddings, uniter_visual_embeddings_keep_mask,
+                                          vilbert_visual_embeddings, vilbert_visual_embeddings_keep_mask,
+                                          visualbert_visual_embeddings, visualbert_visual_embeddings_keep_mask,
+                                          vlbert_visual_embeddings, vlbert_visual_embeddings_keep_mask)
 from vlfast.kernels.ot.op import ipot, sinkhorn, wra_distance
 
 __all__ = [
@@ -18,4 +23,8 @@ __all__ = [
     "attention", "attention_keep_mask", "varlen_attention", "varlen_keep_mask",
     "co_attention", "co_attention_keep_masks", "keep_mask",
     "ipot", "sinkhorn", "wra_distance",
+    "text_embeddings", "uniter_visual_embeddings", "vilbert_visual_embeddings", "vlbert_visual_embeddings",
+    "visualbert_visual_embeddings", "embeddings_keep_mask", "text_embeddings_keep_mask",
+    "uniter_visual_embeddings_keep_mask", "vilbert_visual_embeddings_keep_mask", "vlbert_visual_embeddings_keep_mask",
+    "visualbert_visual_embeddings_keep_mask",
 ]
