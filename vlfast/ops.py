@@ -16,6 +16,9 @@ from vlfast.kernels.embeddings.op import (embeddings_keep_mask, text_embeddings,
                                           vilbert_visual_embeddings, vilbert_visual_embeddings_keep_mask,
                                           visualbert_visual_embeddings, visualbert_visual_embeddings_keep_mask,
                                           vlbert_visual_embeddings, vlbert_visual_embeddings_keep_mask)
+from vlfast.kernels.bias_gelu.op import bias_gelu
+from vlfast.kernels.layer_norm.op import (dropout_add_layer_norm, dropout_add_layer_norm_keep_mask,
+                                          layer_norm)
 from vlfast.kernels.ot.op import ipot, sinkhorn, wra_distance
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "attention", "attention_keep_mask", "varlen_attention", "varlen_keep_mask",
     "co_attention", "co_attention_keep_masks", "keep_mask",
     "ipot", "sinkhorn", "wra_distance",
+    "layer_norm", "dropout_add_layer_norm", "dropout_add_layer_norm_keep_mask", "bias_gelu",
     "text_embeddings", "uniter_visual_embeddings", "vilbert_visual_embeddings", "vlbert_visual_embeddings",
     "visualbert_visual_embeddings", "embeddings_keep_mask", "text_embeddings_keep_mask",
     "uniter_visual_embeddings_keep_mask", "vilbert_visual_embeddings_keep_mask", "vlbert_visual_embeddings_keep_mask",

@@ -1,0 +1,1 @@
+"""Bias + erf GELU, BERT's intermediate activation (reference, Triton kernel, custom ops)."""

@@ -1,0 +1,1 @@
+"""LayerNorm and fused dropout + residual + LayerNorm (reference, Triton kernel, custom ops)."""
