@@ -19,6 +19,7 @@ from vlfast.kernels.embeddings.op import (embeddings_keep_mask, text_embeddings,
 from vlfast.kernels.bias_gelu.op import bias_gelu
 from vlfast.kernels.layer_norm.op import (dropout_add_layer_norm, dropout_add_layer_norm_keep_mask,
                                           layer_norm)
+from vlfast.kernels.linear_cross_entropy.op import linear_cross_entropy, linear_soft_cross_entropy
 from vlfast.kernels.ot.op import ipot, sinkhorn, wra_distance
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "visualbert_visual_embeddings", "embeddings_keep_mask", "text_embeddings_keep_mask",
     "uniter_visual_embeddings_keep_mask", "vilbert_visual_embeddings_keep_mask", "vlbert_visual_embeddings_keep_mask",
     "visualbert_visual_embeddings_keep_mask",
+    "linear_cross_entropy", "linear_soft_cross_entropy",
 ]
