@@ -101,6 +101,17 @@ class PretrainModel(nn.Module):
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint the backbone's encoder layers in training."""
+        self.backbone.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.backbone.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.backbone.is_gradient_checkpointing
+
     def encode(self, batch: VLBatch) -> Any:
         """The backbone's output for ``batch`` (run once per batch)."""
         return self.backbone(**batch.model_inputs(self.backbone, padding_free=self.padding_free))

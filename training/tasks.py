@@ -398,6 +398,19 @@ class TaskHead(nn.Module):
     def head_modules(self) -> list[nn.Module]:
         return [m for n, m in self.named_children() if n != "backbone"]
 
+    # -- gradient checkpointing (the backbone's encoder layers) -------------------------
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint the backbone's encoder layers in training (heads are small)."""
+        self.backbone.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.backbone.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.backbone.is_gradient_checkpointing
+
     # -- checkpoints ------------------------------------------------------------------
 
     def _extra_files(self) -> dict[str, str]:

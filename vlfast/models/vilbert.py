@@ -356,7 +356,9 @@ class BertConnectionLayer(nn.Module):
 
 class ViLBertEncoder(nn.Module):
     """Text layers (``layer.N``), vision layers (``v_layer.N``) and co-attention layers
-    (``c_layer.N``), run in :func:`layer_schedule`'s order."""
+    (``c_layer.N``), run in :func:`layer_schedule`'s order.  ``gradient_checkpointing``
+    (set through ``ViLBert.gradient_checkpointing_enable()``): each trainable layer --
+    within-stream and co-attention -- is checkpointed in training."""
 
     def __init__(self, c: ViLBertConfig):
         super().__init__()
@@ -370,6 +372,7 @@ class ViLBertEncoder(nn.Module):
             for _ in range(c.v_num_hidden_layers))
         self.c_layer = nn.ModuleList(BertConnectionLayer(c) for _ in range(c.num_co_layers))
         self.schedule = layer_schedule(c)
+        self.gradient_checkpointing = False
 
     def forward(self, x_t: Tensor, t_mask: Tensor, x_v: Tensor, v_mask: Tensor, *, padding_free: bool = False,
                 output_attentions: bool = False, output_hidden_states: bool = False) -> dict[str, Any]:
@@ -380,6 +383,9 @@ class ViLBertEncoder(nn.Module):
         {"t": (B,Lt,E), "v": (B,Lv,Ev)} (padding zeroed) plus, when asked, per-stream
         hidden states and the attention maps of text, vision and co-attention layers.
         """
+        from vlfast.models.layers import run_layer
+
+        ck = self.gradient_checkpointing and self.training
         masks = {"t": t_mask, "v": v_mask}
         h = {"t": x_t, "v": x_v}
         layers = {"t": self.layer, "v": self.v_layer}
@@ -406,8 +412,8 @@ class ViLBertEncoder(nn.Module):
         for step in self.schedule:
             with torch.no_grad() if step.frozen else contextlib.nullcontext():
                 if step.kind == "c":
-                    h["v"], h["t"], probs = self.c_layer[step.index](padded("v"), v_mask, padded("t"), t_mask,
-                                                                     output_attentions)
+                    h["v"], h["t"], probs = run_layer(self.c_layer[step.index], ck, padded("v"), v_mask,
+                                                      padded("t"), t_mask, output_attentions)
                     record("v")
                     record("t")
                 else:
@@ -415,9 +421,10 @@ class ViLBertEncoder(nn.Module):
                     if pk is not None:
                         if not is_packed[s]:
                             h[s], is_packed[s] = pk.pack(h[s]), True
-                        h[s], probs = layers[s][step.index](h[s], packed=pk)
+                        h[s], probs = run_layer(layers[s][step.index], ck, h[s], packed=pk)
                     else:
-                        h[s], probs = layers[s][step.index](h[s], masks[s], output_attentions=output_attentions)
+                        h[s], probs = run_layer(layers[s][step.index], ck, h[s], masks[s],
+                                                output_attentions=output_attentions)
                     record(s)
             if attns is not None:
                 attns[step.kind].append(probs)
