@@ -110,21 +110,22 @@ def _fake_stats(x: Tensor) -> Tensor:
 
 def _ref_grads(fn: Callable[..., Tensor], dout: Tensor, inputs: Sequence[Optional[Tensor]],
                diff: Sequence[bool]) -> list[Optional[Tensor]]:
-    """Gradients of ``fn(*inputs)`` w.r.t. the inputs flagged in ``diff`` (autograd on
-    detached copies; custom-op implementations run below autograd)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) if (d and t is not None) else t for t, d in zip(inputs, diff)]
-        out = fn(*leaves)
-        wrt = [t for t, d in zip(leaves, diff) if d and t is not None]
-        gs = torch.autograd.grad(out, wrt, dout, allow_unused=True)
-    it = iter(gs)
-    res: list[Optional[Tensor]] = []
-    for t, d in zip(leaves, diff):
-        if d and t is not None:
-            g = next(it)
-            res.append(torch.zeros_like(t) if g is None else g.contiguous())
-        else:
-            res.append(None)
+    """Gradients of ``fn(*inputs)`` w.r.t. the inputs flagged in ``diff`` (None for the
+    others), by ``torch.func.vjp``: custom-op implementations run below autograd, where
+    ``torch.autograd.grad`` would see no graph."""
+    idx = [i for i, (t, d) in enumerate(zip(inputs, diff)) if d and t is not None]
+
+    def f(*xs: Tensor) -> Tensor:
+        args = list(inputs)
+        for i, x in zip(idx, xs):
+            args[i] = x
+        return fn(*args)
+
+    _, vjp = torch.func.vjp(f, *[inputs[i] for i in idx])
+    gs = vjp(dout)
+    res: list[Optional[Tensor]] = [None] * len(inputs)
+    for i, g in zip(idx, gs):
+        res[i] = g.contiguous()
     return res
 
 
@@ -138,6 +139,12 @@ def _row0_grad(w: Tensor, drow: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------
 # text_embeddings
 # ----------------------------------------------------------------------------------
+
+def _text_values(ids, tt, pos, W, P, T) -> None:
+    _check_id_values("text_embeddings", [("input_ids", ids, W.shape[0], False),
+                                         ("token_type_ids", tt, T.shape[0], False),
+                                         ("position_ids", pos, P.shape[0], False)])
+
 
 def _text_problem(ids, tt, pos, W, P, T, g, b):
     tk = _triton()
@@ -153,6 +160,7 @@ def text_embeddings_fwd(input_ids: Tensor, token_type_ids: Tensor, position_ids:
                         backend: str) -> tuple[Tensor, Tensor]:
     B, L = input_ids.shape
     E = word_weight.shape[1]
+    _text_values(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight)
     if _resolve("text_embeddings", backend, word_weight) == "triton":
         p = _text_problem(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
                           ln_weight, ln_bias)
@@ -229,15 +237,25 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")
 
 
-def _check_ids(op: str, name: str, t: object, shape: tuple[int, ...], upper: int, *, allow_minus_one: bool = False,
-               device: torch.device) -> Tensor:
+def _check_ids(op: str, name: str, t: object, shape: tuple[int, ...], *, device: torch.device) -> Tensor:
     C.check_tensor(op, name, t, ndim=len(shape), shape_doc=str(shape).replace(" ", ""), dtypes=INT_DTYPES)
     assert isinstance(t, Tensor)
     if tuple(t.shape) != tuple(shape):
         C.fail(op, name, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
     if t.device != device:
         C.fail(op, name, f"the device of the tables ({device})", t.device)
-    if t.numel() and C.value_checks_enabled(t):
+    return t
+
+
+def _check_id_values(op: str, checks: Sequence[tuple[str, Optional[Tensor], int, bool]]) -> None:
+    """Ids within their tables: (name, ids, rows, -1 allowed).  Reads values, so on CPU
+    always and on CUDA only with VLFAST_CHECK=1; skipped while torch.compile traces (the
+    custom ops check again when they run)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t, upper, allow_minus_one in checks:
+        if t is None or not t.numel() or not C.value_checks_enabled(t):
+            continue
         lo = -1 if allow_minus_one else 0
         bad = (t < lo) | (t >= upper)
         if bool(bad.any()):
@@ -245,7 +263,6 @@ def _check_ids(op: str, name: str, t: object, shape: tuple[int, ...], upper: int
             idx = tuple(int(i) for i in bad.nonzero()[0])
             rng = f"[{lo}, {upper})" + (" (-1 = none)" if allow_minus_one else "")
             C.fail(op, name, f"values in {rng}", f"{v} at index {idx}")
-    return t
 
 
 def _check_table(op: str, name: str, t: object, E: int, dtype: torch.dtype, device: torch.device,
@@ -292,7 +309,12 @@ def _check_eps(op: str, eps: object) -> float:
 
 
 def _public_backend(op: str, x: Tensor) -> tuple[str, str]:
+    """(requested, resolved) backend.  While torch.compile traces, only a forced
+    "reference" runs the reference inline; anything else goes through the opaque custom
+    op, which resolves the backend when it runs."""
     req = _dispatch.requested_backend()
+    if torch.compiler.is_compiling():
+        return req, "reference" if req == "reference" else "custom_op"
     return req, _resolve(op, req, x)
 
 
@@ -334,15 +356,15 @@ def text_embeddings(input_ids: Tensor, token_type_ids: Optional[Tensor], positio
     _check_table(op, "type_weight", type_weight, E, dt, dev)
     _check_vec(op, "ln_weight", ln_weight, E, dt, dev)
     _check_vec(op, "ln_bias", ln_bias, E, dt, dev)
-    _check_ids(op, "input_ids", input_ids, (B, L), V, device=dev)
+    _check_ids(op, "input_ids", input_ids, (B, L), device=dev)
     if token_type_ids is None:
         token_type_ids = torch.zeros_like(input_ids)
-    _check_ids(op, "token_type_ids", token_type_ids, (B, L), type_weight.shape[0], device=dev)
+    _check_ids(op, "token_type_ids", token_type_ids, (B, L), device=dev)
     if position_ids is None:
         position_ids = torch.arange(L, device=dev)[None].expand(B, L)
     elif isinstance(position_ids, Tensor) and position_ids.dim() == 2 and position_ids.shape[0] == 1 and B != 1:
         position_ids = position_ids.expand(B, L) if position_ids.shape[1] == L else position_ids
-    _check_ids(op, "position_ids", position_ids, (B, L), position_weight.shape[0], device=dev)
+    _check_ids(op, "position_ids", position_ids, (B, L), device=dev)
     if padding_idx is not None:
         if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not (0 <= padding_idx < V):
             C.fail(op, "padding_idx", f"None or an int in [0, {V})", repr(padding_idx))
@@ -351,6 +373,7 @@ def text_embeddings(input_ids: Tensor, token_type_ids: Optional[Tensor], positio
     seed = C.draw_seed() if p > 0 else 0
     req, b = _public_backend(op, word_weight)
     if b == "reference":
+        _text_values(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight)
         keep = _keep((B, L, E), p, seed, 0, dev)
         return ref.text_embeddings(input_ids, token_type_ids, position_ids, word_weight, position_weight,
                                    type_weight, ln_weight, ln_bias, padding_idx=padding_idx, eps=e, dropout_p=p,
@@ -379,6 +402,7 @@ def uniter_visual_embeddings_fwd(img_proj: Tensor, pos_proj: Tensor, type_ids: T
                                  dropout_p: float, seed: int, offset: int, backend: str) -> tuple[Tensor, Tensor]:
     args = (img_proj, pos_proj, type_ids, type_weight, img_ln_weight, img_ln_bias, pos_ln_weight, pos_ln_bias,
             ln_weight, ln_bias)
+    _check_id_values("uniter_visual_embeddings", [("type_ids", type_ids, type_weight.shape[0], False)])
     if _resolve("uniter_visual_embeddings", backend, img_proj) == "triton":
         out, stats = _triton().forward(_uniter_problem(*args), eps, dropout_p, seed, offset)
         return out.view(img_proj.shape), stats
@@ -474,7 +498,7 @@ def uniter_visual_embeddings(img_proj: Tensor, pos_proj: Tensor, type_ids: Optio
         _check_vec(op, n, t, E, dt, dev)
     if type_ids is None:
         type_ids = torch.ones(B, Lv, dtype=torch.long, device=dev)
-    _check_ids(op, "type_ids", type_ids, (B, Lv), type_weight.shape[0], device=dev)
+    _check_ids(op, "type_ids", type_ids, (B, Lv), device=dev)
     e = _check_eps(op, eps)
     p = C.check_dropout(op, dropout_p)
     seed = C.draw_seed() if p > 0 else 0
@@ -482,6 +506,7 @@ def uniter_visual_embeddings(img_proj: Tensor, pos_proj: Tensor, type_ids: Optio
             ln_weight, ln_bias)
     req, b = _public_backend(op, img_proj)
     if b == "reference":
+        _check_id_values(op, [("type_ids", type_ids, type_weight.shape[0], False)])
         return ref.uniter_visual_embeddings(*args, eps=e, dropout_p=p, keep=_keep(img_proj.shape, p, seed, 0, dev))
     return uniter_visual_embeddings_fwd(*args, e, p, seed, 0, req)[0]
 
@@ -592,6 +617,11 @@ def _vlbert_problem(h, mask, pid, tid, img, P, T, gv, bv, g, b, relu):
                          relu1=relu, mask1=m, row=_c(img[0]), tables=[(_ids(pid), _c(P)), (_ids(tid), _c(T))])
 
 
+def _vlbert_values(pos, tt, P, T) -> None:
+    _check_id_values("vlbert_visual_embeddings", [("position_ids", pos, P.shape[0], False),
+                                                  ("token_type_ids", tt, T.shape[0], False)])
+
+
 @torch.library.custom_op("vlfast::vlbert_visual_embeddings_fwd", mutates_args=())
 def vlbert_visual_embeddings_fwd(obj_hidden: Tensor, visual_mask: Optional[Tensor], position_ids: Tensor,
                                  token_type_ids: Tensor, img_weight: Tensor, position_weight: Tensor,
@@ -600,6 +630,7 @@ def vlbert_visual_embeddings_fwd(obj_hidden: Tensor, visual_mask: Optional[Tenso
                                  seed: int, offset: int, backend: str) -> tuple[Tensor, Tensor]:
     args = (obj_hidden, position_ids, token_type_ids, img_weight, position_weight, type_weight, visual_ln_weight,
             visual_ln_bias, ln_weight, ln_bias)
+    _vlbert_values(position_ids, token_type_ids, position_weight, type_weight)
     if _resolve("vlbert_visual_embeddings", backend, obj_hidden) == "triton":
         p = _vlbert_problem(obj_hidden, visual_mask, position_ids, token_type_ids, img_weight, position_weight,
                             type_weight, visual_ln_weight, visual_ln_bias, ln_weight, ln_bias, relu)
@@ -702,8 +733,8 @@ def vlbert_visual_embeddings(obj_hidden: Tensor, position_ids: Tensor, token_typ
     for n, t in (("visual_ln_weight", visual_ln_weight), ("visual_ln_bias", visual_ln_bias),
                  ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         _check_vec(op, n, t, E, dt, dev)
-    _check_ids(op, "position_ids", position_ids, (B, Lv), position_weight.shape[0], device=dev)
-    _check_ids(op, "token_type_ids", token_type_ids, (B, Lv), type_weight.shape[0], device=dev)
+    _check_ids(op, "position_ids", position_ids, (B, Lv), device=dev)
+    _check_ids(op, "token_type_ids", token_type_ids, (B, Lv), device=dev)
     if visual_mask is not None:
         C.check_tensor(op, "visual_mask", visual_mask, ndim=2, shape_doc=f"(B={B}, Lv={Lv})", dtypes=(torch.bool,))
         if tuple(visual_mask.shape) != (B, Lv):
@@ -719,6 +750,7 @@ def vlbert_visual_embeddings(obj_hidden: Tensor, position_ids: Tensor, token_typ
             visual_ln_bias, ln_weight, ln_bias)
     req, b = _public_backend(op, obj_hidden)
     if b == "reference":
+        _vlbert_values(position_ids, token_type_ids, position_weight, type_weight)
         return ref.vlbert_visual_embeddings(*args, visual_mask=visual_mask, relu=relu, eps=e, dropout_p=p,
                                             keep=_keep(obj_hidden.shape, p, seed, 0, dev))
     return vlbert_visual_embeddings_fwd(obj_hidden, visual_mask, *args[1:], relu, e, p, seed, 0, req)[0]
@@ -741,6 +773,11 @@ def _visualbert_problem(v, tid, align, VT, VP, P, g, b):
                          align=a, apos=None if align is None else _c(P), tables=[(_ids(tid), _c(VT))])
 
 
+def _visualbert_values(tt, align, T, P) -> None:
+    _check_id_values("visualbert_visual_embeddings", [("token_type_ids", tt, T.shape[0], False),
+                                                      ("image_text_alignment", align, P.shape[0], True)])
+
+
 @torch.library.custom_op("vlfast::visualbert_visual_embeddings_fwd", mutates_args=())
 def visualbert_visual_embeddings_fwd(visual_proj: Tensor, token_type_ids: Tensor,
                                      image_text_alignment: Optional[Tensor], type_weight: Tensor,
@@ -749,6 +786,7 @@ def visualbert_visual_embeddings_fwd(visual_proj: Tensor, token_type_ids: Tensor
                                      backend: str) -> tuple[Tensor, Tensor]:
     args = (visual_proj, token_type_ids, image_text_alignment, type_weight, visual_position_weight, position_weight,
             ln_weight, ln_bias)
+    _visualbert_values(token_type_ids, image_text_alignment, type_weight, position_weight)
     if _resolve("visualbert_visual_embeddings", backend, visual_proj) == "triton":
         out, stats = _triton().forward(_visualbert_problem(*args), eps, dropout_p, seed, offset)
         return out.view(visual_proj.shape), stats
@@ -852,13 +890,12 @@ def visualbert_visual_embeddings(visual_proj: Tensor, token_type_ids: Tensor, im
     _check_table(op, "position_weight", position_weight, E, dt, dev)
     _check_vec(op, "ln_weight", ln_weight, E, dt, dev)
     _check_vec(op, "ln_bias", ln_bias, E, dt, dev)
-    _check_ids(op, "token_type_ids", token_type_ids, (B, Lv), type_weight.shape[0], device=dev)
+    _check_ids(op, "token_type_ids", token_type_ids, (B, Lv), device=dev)
     if image_text_alignment is not None:
         C.check_tensor(op, "image_text_alignment", image_text_alignment, ndim=3, shape_doc="(B,Lv,A)",
                        dtypes=INT_DTYPES)
         A = image_text_alignment.shape[2]
-        _check_ids(op, "image_text_alignment", image_text_alignment, (B, Lv, A), position_weight.shape[0],
-                   allow_minus_one=True, device=dev)
+        _check_ids(op, "image_text_alignment", image_text_alignment, (B, Lv, A), device=dev)
     e = _check_eps(op, eps)
     p = C.check_dropout(op, dropout_p)
     seed = C.draw_seed() if p > 0 else 0
@@ -866,6 +903,7 @@ def visualbert_visual_embeddings(visual_proj: Tensor, token_type_ids: Tensor, im
             ln_weight, ln_bias)
     req, b = _public_backend(op, visual_proj)
     if b == "reference":
+        _visualbert_values(token_type_ids, image_text_alignment, type_weight, position_weight)
         return ref.visualbert_visual_embeddings(*args, eps=e, dropout_p=p,
                                                 keep=_keep(visual_proj.shape, p, seed, 0, dev))
     return visualbert_visual_embeddings_fwd(*args, e, p, seed, 0, req)[0]
