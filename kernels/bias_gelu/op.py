@@ -21,6 +21,7 @@ from torch import Tensor
 from vlfast import _dispatch
 from vlfast.kernels import _common as C
 from vlfast.kernels.bias_gelu import reference as ref
+from vlfast.kernels.layer_norm.op import use_reference
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -112,6 +113,6 @@ def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
     if bias.device != x.device:
         C.fail(op, "bias", f"the device of x ({x.device})", bias.device)
     requested = _dispatch.requested_backend()
-    if _resolve(requested, x, bias) == "reference":
+    if use_reference(requested, x.device.type):
         return ref.bias_gelu(x, bias)
     return bias_gelu_fwd(x.reshape(-1, E), bias, requested).view(x.shape)

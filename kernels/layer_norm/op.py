@@ -70,6 +70,15 @@ def _resolve(op: str, backend: str, *tensors: Tensor) -> str:
                             dtypes=tuple(t.dtype for t in tensors))
 
 
+def use_reference(requested: str, device_type: str) -> bool:
+    """Whether a public function evaluates the reference directly (torch autograd, no
+    custom op): the reference is forced, or ``auto`` on a non-CUDA device (where auto
+    never picks Triton).  Decided without probing backends, so torch.compile can trace
+    it; every other request goes to the custom op, which resolves it (and raises
+    :class:`~vlfast._dispatch.BackendError` when a forced backend cannot run)."""
+    return requested == "reference" or (requested == "auto" and device_type != "cuda")
+
+
 def out_dtype_of(dtype: torch.dtype, device_type: str) -> torch.dtype:
     """dtype of ``F.layer_norm`` on a ``dtype`` input: fp32 for fp16/bf16 under CUDA
     autocast (layer_norm is on its fp32 list), else the input's."""
@@ -256,7 +265,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-12) -
     E = _check_affine(op, x, weight, bias)
     eps = _check_eps(op, eps)
     requested = _dispatch.requested_backend()
-    if _resolve(op, requested, x, weight, bias) == "reference":
+    if use_reference(requested, x.device.type):
         return ref.layer_norm(x, weight, bias, eps)
     out, _, _ = layer_norm_fwd(x.reshape(-1, E), weight, bias, eps, out_dtype_of(x.dtype, x.device.type),
                                requested)
@@ -291,7 +300,7 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
     eps = _check_eps(op, eps)
     seed = C.draw_seed() if p > 0 else 0
     requested = _dispatch.requested_backend()
-    if _resolve(op, requested, x, residual, weight, bias) == "reference":
+    if use_reference(requested, x.device.type):
         keep = dropout_add_layer_norm_keep_mask(x.shape, p, seed, 0, x.device) if p > 0 else None
         return ref.dropout_add_layer_norm(x, residual, weight, bias, eps, p, keep)
     pre_dtype = torch.promote_types(x.dtype, residual.dtype)
