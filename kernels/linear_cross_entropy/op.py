@@ -334,6 +334,16 @@ def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     return hidden, weight, bias
 
 
+def use_reference(requested: str, hidden: Tensor) -> bool:
+    """Whether a public function evaluates the reference directly (torch autograd, no
+    custom op): the reference is forced, or ``auto`` where auto would pick it (not a CUDA
+    tensor, or an fp64 one).  Decided without probing backends, so torch.compile can
+    trace it; every other request goes to the custom op, which resolves it (and raises
+    :class:`~vlfast._dispatch.BackendError` when a forced backend cannot run)."""
+    return requested == "reference" or (requested == "auto" and (hidden.device.type != "cuda"
+                                                                  or hidden.dtype not in TRITON_DTYPES))
+
+
 def _needs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[bool, bool, bool]:
     if not torch.is_grad_enabled():
         return False, False, False
@@ -379,8 +389,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         C.fail(op, "ignore_index", "an int", repr(ignore_index))
     red = _check_reduction(op, reduction)
     _check_flag(op, "return_argmax", return_argmax)
-    b = _dispatch.select(op, hidden.device.type, dtype=hidden.dtype)
-    if b == "reference":
+    requested = _dispatch.requested_backend()
+    if use_reference(requested, hidden):
         if not torch.compiler.is_compiling() and C.value_checks_enabled(labels):
             _check_label_values(op, labels, weight.shape[0], ignore_index)
         loss, argmax = ref.linear_cross_entropy_reference(hidden, weight, bias, labels, ignore_index=ignore_index,
@@ -388,8 +398,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     else:
         hidden, weight, bias = _autocast(hidden, weight, bias)
         loss, argmax, _, _, _ = linear_cross_entropy_fwd(hidden, weight, bias, labels, None, ignore_index, red,
-                                                         False, *_needs(hidden, weight, bias),
-                                                         _dispatch.requested_backend())
+                                                         False, *_needs(hidden, weight, bias), requested)
     return (loss, argmax) if return_argmax else loss
 
 
@@ -429,8 +438,8 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Ten
     red = _check_reduction(op, reduction)
     _check_flag(op, "kl", kl)
     _check_flag(op, "return_argmax", return_argmax)
-    b = _dispatch.select(op, hidden.device.type, dtype=hidden.dtype)
-    if b == "reference":
+    requested = _dispatch.requested_backend()
+    if use_reference(requested, hidden):
         loss, argmax = ref.linear_soft_cross_entropy_reference(hidden, weight, bias, targets, reduction=red, kl=kl,
                                                                return_argmax=return_argmax)
     else:
@@ -439,6 +448,5 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Ten
         if t.shape[0] and t.stride(1) != 1:
             t = t.contiguous()
         loss, argmax, _, _, _ = linear_cross_entropy_fwd(hidden, weight, bias, None, t, 0, red, kl,
-                                                         *_needs(hidden, weight, bias),
-                                                         _dispatch.requested_backend())
+                                                         *_needs(hidden, weight, bias), requested)
     return (loss, argmax) if return_argmax else loss
