@@ -172,6 +172,23 @@ def gelu(x: Tensor) -> Tensor:
     return F.gelu(x)
 
 
+def dense_gelu(dense: nn.Linear, x: Tensor) -> Tensor:
+    """``gelu(dense(x))`` as a bias-free matmul then ``ops.bias_gelu`` with the layer's
+    bias (cast like the matmul's output, as autocast casts it inside F.linear): x (..., In)
+    -> (..., Out).  On CPU fp32 bitwise the plain-torch formula."""
+    h = F.linear(x, dense.weight)
+    return ops.bias_gelu(h, dense.bias.to(h.dtype))
+
+
+def dense_dropout_add_layer_norm(dense: nn.Linear, dropout: nn.Dropout, ln: nn.LayerNorm, x: Tensor,
+                                 residual: Tensor, training: bool) -> Tensor:
+    """``ln(dropout(dense(x)) + residual)`` through ``ops.dropout_add_layer_norm`` with the
+    modules' parameters, rate and eps: x (..., In), residual (..., Out) -> (..., Out).
+    Dropout only in training; in eval, on CPU fp32, bitwise the plain-torch formula."""
+    return ops.dropout_add_layer_norm(dense(x), residual, ln.weight, ln.bias,
+                                      dropout_p=dropout.p if training else 0.0, eps=ln.eps)[0]
+
+
 class BertSelfAttention(nn.Module):
     """Multi-head self-attention on ``vlfast.ops.attention`` (padded) or
     ``varlen_attention`` (packed).  Names: query, key, value."""
@@ -224,7 +241,7 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return dense_dropout_add_layer_norm(self.dense, self.dropout, self.LayerNorm, x, residual, self.training)
 
 
 class BertAttention(nn.Module):
@@ -245,7 +262,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(hidden, intermediate)
 
     def forward(self, x: Tensor) -> Tensor:
-        return gelu(self.dense(x))
+        return dense_gelu(self.dense, x)
 
 
 class BertOutput(nn.Module):
@@ -256,7 +273,7 @@ class BertOutput(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return dense_dropout_add_layer_norm(self.dense, self.dropout, self.LayerNorm, x, residual, self.training)
 
 
 class BertLayer(nn.Module):

@@ -40,7 +40,8 @@ from vlfast.kernels.attention import reference as attn_ref
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, load_hf_bert,
                                 load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertIntermediate, BertLayer, BertOutput, BertTextEmbeddings, Packed,
-                                  TwoStreamOutput, as_bool_mask, check_feats, check_ids, fail, init_bert_weights)
+                                  TwoStreamOutput, as_bool_mask, check_feats, check_ids,
+                                  dense_dropout_add_layer_norm, fail, init_bert_weights)
 
 _NAME = "ViLBert"
 LOCATION_SIZE = 5  # (x1, y1, x2, y2, area), normalised by the image size
@@ -326,8 +327,8 @@ class BertBiOutput(nn.Module):
 
     def forward(self, ctx_v: Tensor, x_v: Tensor, ctx_t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         """ctx_v (B,Lv,Eb) + residual x_v (B,Lv,Ev); ctx_t (B,Lt,Eb) + residual x_t (B,Lt,E)."""
-        return (self.LayerNorm1(self.dropout1(self.dense1(ctx_v)) + x_v),
-                self.LayerNorm2(self.dropout2(self.dense2(ctx_t)) + x_t))
+        return (dense_dropout_add_layer_norm(self.dense1, self.dropout1, self.LayerNorm1, ctx_v, x_v, self.training),
+                dense_dropout_add_layer_norm(self.dense2, self.dropout2, self.LayerNorm2, ctx_t, x_t, self.training))
 
 
 class BertConnectionLayer(nn.Module):
