@@ -124,8 +124,8 @@ def _ref_grads(fn: Callable[..., Tensor], dout: Tensor, inputs: Sequence[Optiona
     _, vjp = torch.func.vjp(f, *[inputs[i] for i in idx])
     gs = vjp(dout)
     res: list[Optional[Tensor]] = [None] * len(inputs)
-    for i, g in zip(idx, gs):
-        res[i] = g.contiguous()
+    for i, g in zip(idx, gs):  # fresh contiguous copies: vjp may hand one tensor to two inputs
+        res[i] = torch.empty_like(g, memory_format=torch.contiguous_format).copy_(g)
     return res
 
 
