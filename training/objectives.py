@@ -45,7 +45,15 @@ parameters (so official heads can be loaded; see :meth:`Objective.official_keys`
   Nm (head dense + GELU, no LayerNorm).  ``vlbert.mvrc_head.*``.
 
 Loss normalisation follows each official training script, so official
-hyper-parameters transfer.  A batch with no masked item gives a zero loss that is still
+hyper-parameters transfer.
+
+Fused ops: every classification loss runs through ``vlfast.ops.linear_cross_entropy``
+(MLM, MRC) or ``linear_soft_cross_entropy`` (MRC-kl and ViLBERT's masked multimodal
+with ``kl=True``, VL-BERT's masked RoI), which go from the head's hidden states to the
+loss in chunks of rows and never hold the (Nm, vocab) logits on GPU; the accuracy
+metrics use the op's argmax by-product.  The head transforms (dense -> GELU ->
+LayerNorm) run their LayerNorm on ``ops.layer_norm``.  On CPU (the ops'
+reference path) every loss and metric is bitwise the plain-torch formula.  A batch with no masked item gives a zero loss that is still
 connected to the head (so gradients exist and are zero).
 """
 from __future__ import annotations
@@ -212,6 +220,34 @@ def _masked_target(batch: VLBatch, key: str, n: int, width: int, where: str, wha
 
 
 # ----------------------------------------------------------------------------------
+# Fused pieces of the heads
+# ----------------------------------------------------------------------------------
+
+def head_transform(dense: nn.Linear, ln: nn.LayerNorm, h: Tensor) -> Tensor:
+    """BERT's head transform ``ln(gelu(dense(h)))`` with the LayerNorm on ``ops.layer_norm``
+    (the module's parameters and eps): (N, E) -> (N, E).  The dense layer stays a module
+    call (its bias rides in the GEMM; hooks on it keep working), so ``ops.bias_gelu``,
+    which needs the bias split off the matmul, is not used here: these heads run on the
+    masked rows only, a few percent of the encoder's rows."""
+    return ops.layer_norm(F.gelu(dense(h)), ln.weight, ln.bias, eps=ln.eps)
+
+
+def _decode_hard(x: Tensor, decoder_weight: Tensor, decoder_bias: Optional[Tensor], target: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy, argmax (N,)) of ``F.linear(x, W, b)`` against class ids,
+    without the (N, C) logits (``ops.linear_cross_entropy``)."""
+    return ops.linear_cross_entropy(x, decoder_weight, decoder_bias, target, return_argmax=True)
+
+
+def _decode_soft(x: Tensor, decoder_weight: Tensor, decoder_bias: Optional[Tensor], soft: Tensor, *,
+                 reduction: str, kl: bool) -> tuple[Tensor, Tensor]:
+    """(loss, argmax (N,)) of ``F.linear(x, W, b)`` against a class distribution: the
+    soft cross-entropy or (``kl``) the KL divergence, ``ops.linear_soft_cross_entropy``."""
+    return ops.linear_soft_cross_entropy(x, decoder_weight, decoder_bias, soft, reduction=reduction, kl=kl,
+                                         return_argmax=True)
+
+
+# ----------------------------------------------------------------------------------
 # Base class and heads
 # ----------------------------------------------------------------------------------
 
@@ -251,7 +287,7 @@ class PredictionHeadTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.LayerNorm(F.gelu(self.dense(h)))
+        return head_transform(self.dense, self.LayerNorm, h)
 
 
 class RegionFeatureRegressionHead(nn.Module):
@@ -272,7 +308,7 @@ class RegionFeatureRegressionHead(nn.Module):
         if w is None:
             _fail("RegionFeatureRegressionHead", "tied_weight", "the backbone's (Ev, F) region projection",
                   "None (build the head with tied=False for a backbone without one)")
-        return F.linear(self.net(h), w.t(), self.bias)
+        return F.linear(head_transform(self.net[0], self.net[2], h), w.t(), self.bias)
 
 
 class RegionClassificationHead(nn.Module):
@@ -283,9 +319,18 @@ class RegionClassificationHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=eps),
                                  nn.Linear(hidden, num_classes))
 
+    @property
+    def decoder(self) -> nn.Linear:
+        """The last Linear(Ev, C)."""
+        return self.net[3]
+
+    def features(self, h: Tensor) -> Tensor:
+        """h (N, Ev) -> the decoder's input (N, Ev): Linear, GELU, LayerNorm."""
+        return head_transform(self.net[0], self.net[2], h)
+
     def forward(self, h: Tensor) -> Tensor:
         """h (N, Ev) -> logits (N, C)."""
-        return self.net(h)
+        return self.decoder(self.features(h))
 
 
 class ImagePredictionHead(nn.Module):
@@ -297,8 +342,12 @@ class ImagePredictionHead(nn.Module):
         self.transform = PredictionHeadTransform(hidden, eps)
         self.decoder = nn.Linear(hidden, num_classes)
 
+    def features(self, h: Tensor) -> Tensor:
+        """h (N, Ev) -> the decoder's input (N, Ev)."""
+        return self.transform(h)
+
     def forward(self, h: Tensor) -> Tensor:
-        return self.decoder(self.transform(h))
+        return self.decoder(self.features(h))
 
 
 class _DenseGelu(nn.Module):
@@ -319,8 +368,16 @@ class MVRCHead(nn.Module):
         self.transform = _DenseGelu(hidden)
         self.region_cls_pred = nn.Linear(hidden, num_classes)
 
+    @property
+    def decoder(self) -> nn.Linear:
+        return self.region_cls_pred
+
+    def features(self, h: Tensor) -> Tensor:
+        """h (N, E) -> the decoder's input (N, E): dense + GELU."""
+        return self.transform(h)
+
     def forward(self, h: Tensor) -> Tensor:
-        return self.region_cls_pred(self.transform(h))
+        return self.region_cls_pred(self.features(h))
 
 
 # ----------------------------------------------------------------------------------
@@ -346,13 +403,17 @@ class MaskedLanguageModeling(Objective):
         self.official_tied = (official_prefix + "decoder.weight", official_prefix + "decoder.bias")
         init_bert_weights(self, initializer_range)
 
-    def logits(self, model: nn.Module, h: Tensor) -> Tensor:
-        """h (N, E) -> (N, vocab)."""
+    def decoder_weight(self, model: nn.Module) -> Tensor:
+        """The tied decoder: the backbone's word embedding table (vocab, E)."""
         w = word_embeddings(model).weight
         if w.shape[0] != self.bias.shape[0]:
             _fail("MaskedLanguageModeling", "model", f"a word embedding table of {self.bias.shape[0]} rows "
                   "(the head's vocab_size)", f"{w.shape[0]} rows")
-        return F.linear(self.transform(h), w, self.bias)
+        return w
+
+    def logits(self, model: nn.Module, h: Tensor) -> Tensor:
+        """h (N, E) -> (N, vocab).  (The loss never builds these; see :meth:`forward`.)"""
+        return F.linear(self.transform(h), self.decoder_weight(model), self.bias)
 
     def forward(self, model: nn.Module, batch: VLBatch, out: Any) -> ObjectiveResult:
         where = "MaskedLanguageModeling"
@@ -363,13 +424,13 @@ class MaskedLanguageModeling(Objective):
                   f"{str(labels.dtype).replace('torch.', '')} {_shape(labels)}")
         sel = labels != IGNORE_INDEX
         h = _masked_rows(text_states(model, batch, out), sel, where, "mlm_labels != -100")
-        logits = self.logits(model, h).float()
+        x, w = self.transform(h), self.decoder_weight(model)
         target = labels[sel]
         n = int(target.numel())
         if n == 0:
-            return ObjectiveResult(_zero_loss(logits), {"loss": 0.0}, 0)
-        loss = F.cross_entropy(logits, target)
-        acc = (logits.argmax(-1) == target).float().mean()
+            return ObjectiveResult(_zero_loss(F.linear(x, w, self.bias)), {"loss": 0.0}, 0)
+        loss, pred = _decode_hard(x, w, self.bias, target.long())
+        acc = (pred == target).float().mean()
         return ObjectiveResult(loss, _metrics(loss=loss, acc=acc), n)
 
 
@@ -561,14 +622,22 @@ class MaskedRegionClassification(Objective):
         where = type(self).__name__
         m = _img_masks(batch, where)
         h = _masked_rows(visual_states(model, batch, out), m, where, "batch.targets['img_masks']")
-        logits = self.head(h).float()
-        soft = _soft_labels(batch, h.shape[0], logits.shape[1], where)
+        x, dec = self.head.features(h), self.head.decoder
+        soft = _soft_labels(batch, h.shape[0], dec.out_features, where)
         n = h.shape[0]
         if n == 0:
-            return ObjectiveResult(_zero_loss(logits), {"loss": 0.0}, 0)
-        return self.loss(logits, soft.float(), n)
+            return ObjectiveResult(_zero_loss(dec(x)), {"loss": 0.0}, 0)
+        return self.fused_loss(x, dec, soft.float(), n)
+
+    def fused_loss(self, x: Tensor, decoder: nn.Linear, soft: Tensor, n: int) -> ObjectiveResult:
+        """The loss of :meth:`loss` from the decoder's input x (Nm, Ev), without the logits."""
+        target = self.targets(soft)
+        loss, pred = _decode_hard(x, decoder.weight, decoder.bias, target)
+        acc = (pred == target).float().mean()
+        return ObjectiveResult(loss, _metrics(loss=loss, acc=acc), n)
 
     def loss(self, logits: Tensor, soft: Tensor, n: int) -> ObjectiveResult:
+        """The same loss from ready logits (Nm, C) (plain torch)."""
         target = self.targets(soft)
         loss = F.cross_entropy(logits, target)
         acc = (logits.argmax(-1) == target).float().mean()
@@ -596,6 +665,14 @@ class MaskedRegionClassificationKL(MaskedRegionClassification):
         super().__init__(hidden_size, num_classes, layer_norm_eps, initializer_range, head=head)
         self.reduction = reduction
 
+    def fused_loss(self, x: Tensor, decoder: nn.Linear, soft: Tensor, n: int) -> ObjectiveResult:
+        # "elements": the mean of the (Nm, C) KL terms = their sum / (Nm * C) (bitwise
+        # kl.mean() on the reference path); "regions": the sum / Nm
+        kl_sum, pred = _decode_soft(x, decoder.weight, decoder.bias, soft, reduction="sum", kl=True)
+        loss = kl_sum / (n * soft.shape[1]) if self.reduction == "elements" else kl_sum / n
+        acc = (pred == soft.argmax(-1)).float().mean()
+        return ObjectiveResult(loss, _metrics(loss=loss, acc=acc), n)
+
     def loss(self, logits: Tensor, soft: Tensor, n: int) -> ObjectiveResult:
         kl = _kl_elements(logits, soft)
         loss = kl.mean() if self.reduction == "elements" else kl.sum() / n
@@ -622,13 +699,14 @@ class MaskedMultimodalModeling(Objective):
         where = "MaskedMultimodalModeling"
         m = _img_masks(batch, where)
         h = _masked_rows(visual_states(model, batch, out), m, where, "batch.targets['img_masks']")
-        logits = self.head(h).float()
-        soft = _soft_labels(batch, h.shape[0], logits.shape[1], where)
+        x, dec = self.head.features(h), self.head.decoder
+        soft = _soft_labels(batch, h.shape[0], dec.out_features, where)
         n = h.shape[0]
         if n == 0:
-            return ObjectiveResult(_zero_loss(logits), {"loss": 0.0}, 0)
-        loss = _kl_elements(logits, soft.float()).sum() / n
-        acc = (logits.argmax(-1) == soft.argmax(-1)).float().mean()
+            return ObjectiveResult(_zero_loss(dec(x)), {"loss": 0.0}, 0)
+        kl_sum, pred = _decode_soft(x, dec.weight, dec.bias, soft.float(), reduction="sum", kl=True)
+        loss = kl_sum / n
+        acc = (pred == soft.argmax(-1)).float().mean()
         return ObjectiveResult(loss, _metrics(loss=loss, acc=acc), n)
 
 
@@ -650,13 +728,13 @@ class MaskedRoIClassification(Objective):
         where = "MaskedRoIClassification"
         m = _img_masks(batch, where)
         h = _masked_rows(visual_states(model, batch, out), m, where, "batch.targets['img_masks']")
-        logits = self.head(h).float()
-        soft = _soft_labels(batch, h.shape[0], logits.shape[1], where)
+        x, dec = self.head.features(h), self.head.decoder
+        soft = _soft_labels(batch, h.shape[0], dec.out_features, where)
         n = h.shape[0]
         if n == 0:
-            return ObjectiveResult(_zero_loss(logits), {"loss": 0.0}, 0)
-        loss = -(soft.float() * F.log_softmax(logits, -1)).sum(-1).mean()
-        acc = (logits.argmax(-1) == soft.argmax(-1)).float().mean()
+            return ObjectiveResult(_zero_loss(dec(x)), {"loss": 0.0}, 0)
+        loss, pred = _decode_soft(x, dec.weight, dec.bias, soft.float(), reduction="mean", kl=False)
+        acc = (pred == soft.argmax(-1)).float().mean()
         return ObjectiveResult(loss, _metrics(loss=loss, acc=acc), n)
 
 
