@@ -374,9 +374,12 @@ class BertTextEmbeddings(nn.Module):
             position_ids = torch.arange(L, device=input_ids.device)[None].expand(B, L)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        e = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) \
-            + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(e))
+        # (word + position) + type -> LayerNorm -> dropout, fused (ops.text_embeddings)
+        ln = self.LayerNorm
+        return ops.text_embeddings(input_ids, token_type_ids, position_ids, self.word_embeddings.weight,
+                                   self.position_embeddings.weight, self.token_type_embeddings.weight, ln.weight,
+                                   ln.bias, padding_idx=self.word_embeddings.padding_idx, eps=ln.eps,
+                                   dropout_p=self.dropout.p if self.training else 0.0)
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
