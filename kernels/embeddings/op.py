@@ -558,7 +558,8 @@ def vilbert_visual_embeddings_bwd(dout: Tensor, img_proj: Tensor, loc_proj: Tens
 
 @vilbert_visual_embeddings_bwd.register_fake
 def _(dout, img_proj, loc_proj, ln_weight, ln_bias, stats, eps, dropout_p, seed, offset, backend):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (img_proj, loc_proj, ln_weight, ln_bias)]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (img_proj, loc_proj, ln_weight, ln_bias)]
 
 
 def _vilbert_setup(ctx, inputs, output):

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlfast import ops
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, load_hf_bert,
                                 load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput, as_bool_mask,
@@ -125,17 +127,23 @@ class UniterImageEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(E, eps=eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, feats: Tensor, boxes: Tensor, type_embeddings: Tensor,
+    def forward(self, feats: Tensor, boxes: Tensor, type_ids: Tensor, type_weight: Tensor,
                 img_masks: Optional[Tensor] = None) -> Tensor:
-        """feats (B,Lv,img_dim), boxes (B,Lv,pos_dim), type_embeddings (B,Lv,E),
-        img_masks (B,Lv) bool or None -> (B,Lv,E)."""
+        """feats (B,Lv,img_dim), boxes (B,Lv,pos_dim), type_ids (B,Lv) into type_weight
+        (T,E) (the text embeddings' token-type table), img_masks (B,Lv) bool or None
+        -> (B,Lv,E)."""
         if img_masks is not None:
             # official: feat + mask_embedding(img_masks) with row 0 forced to zero; only
             # row 1 ever contributes, so add it where masked (no in-place weight edit)
             feats = feats + img_masks[..., None].to(feats.dtype) * self.mask_embedding.weight[1]
-        img = self.img_layer_norm(self.img_linear(feats))
-        pos = self.pos_layer_norm(self.pos_linear(boxes))
-        return self.dropout(self.LayerNorm(img + pos + type_embeddings))
+        # the two matmuls stay here (cuBLAS); LN_img + LN_pos + type row, LN, dropout fused
+        ln, iln, pln = self.LayerNorm, self.img_layer_norm, self.pos_layer_norm
+        if not (ln.eps == iln.eps == pln.eps):
+            img, pos = iln(self.img_linear(feats)), pln(self.pos_linear(boxes))
+            return self.dropout(ln(img + pos + F.embedding(type_ids, type_weight)))
+        return ops.uniter_visual_embeddings(self.img_linear(feats), self.pos_linear(boxes), type_ids, type_weight,
+                                            iln.weight, iln.bias, pln.weight, pln.bias, ln.weight, ln.bias,
+                                            eps=ln.eps, dropout_p=self.dropout.p if self.training else 0.0)
 
 
 # ----------------------------------------------------------------------------------
@@ -249,8 +257,9 @@ class Uniter(PretrainedModel):
             w = self.img_embeddings.img_linear.weight
             if visual_token_type_ids is None:
                 visual_token_type_ids = torch.ones((B, Lv), dtype=torch.long, device=visual_feats.device)
-            types = self.embeddings.token_type_embeddings(visual_token_type_ids)
-            parts.append(self.img_embeddings(visual_feats.to(w.dtype), visual_boxes.to(w.dtype), types, imask))
+            parts.append(self.img_embeddings(visual_feats.to(w.dtype), visual_boxes.to(w.dtype),
+                                             visual_token_type_ids, self.embeddings.token_type_embeddings.weight,
+                                             imask))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         mask = torch.cat([tmask, vmask], dim=1)
         seq, states, attns = self.encoder(x, mask, padding_free=padding_free, output_attentions=output_attentions,
