@@ -237,7 +237,11 @@ class BertImageEmbeddings(nn.Module):
 
     def forward(self, feats: Tensor, boxes: Tensor) -> Tensor:
         """feats (B,Lv,F), boxes (B,Lv,5) -> (B,Lv,Ev)."""
-        return self.dropout(self.LayerNorm(self.image_embeddings(feats) + self.image_location_embeddings(boxes)))
+        # the two matmuls stay here (cuBLAS); sum, LayerNorm and dropout fused
+        ln = self.LayerNorm
+        return ops.vilbert_visual_embeddings(self.image_embeddings(feats), self.image_location_embeddings(boxes),
+                                             ln.weight, ln.bias, eps=ln.eps,
+                                             dropout_p=self.dropout.p if self.training else 0.0)
 
 
 class BertBiAttention(nn.Module):
