@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from vlfast import ops
 from vlfast.models.base import (ConversionReport, ModelConfig, PretrainedModel, load_hf_bert,
                                 load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput,
@@ -183,11 +184,31 @@ class VisualBertEmbeddings(BertTextEmbeddings):
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, visual_feats: Optional[Tensor] = None,
                 visual_token_type_ids: Optional[Tensor] = None,
                 image_text_alignment: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
-        """-> (B, Lt+Lv, E) (Lv = 0 without visual_feats)."""
-        e = self.text(input_ids, token_type_ids)
-        if visual_feats is not None:
-            e = torch.cat([e, self.visual(visual_feats, visual_token_type_ids, image_text_alignment)], dim=1)
-        return self.dropout(self.LayerNorm(e))
+        """-> (B, Lt+Lv, E) (Lv = 0 without visual_feats).
+
+        Fused: the shared LayerNorm and dropout are per row, so the text rows go through
+        ``ops.text_embeddings`` and the region rows through
+        ``ops.visualbert_visual_embeddings`` (after ``visual_projection``), each
+        normalising its own rows, and the two are concatenated -- the same values as
+        ``dropout(LayerNorm(cat(text(...), visual(...))))``."""
+        ln, W = self.LayerNorm, self.word_embeddings
+        p = self.dropout.p if self.training else 0.0
+        B, Lt = input_ids.shape
+        # VisualBERT sums (word + type) + position; the op sums (word + its 2nd table) + its
+        # 3rd table, so the type table and ids take the op's "position" slot and vice versa
+        positions = torch.arange(Lt, device=input_ids.device)[None].expand(B, Lt)
+        e = ops.text_embeddings(input_ids, positions, token_type_ids, W.weight, self.token_type_embeddings.weight,
+                                self.position_embeddings.weight, ln.weight, ln.bias, padding_idx=W.padding_idx,
+                                eps=ln.eps, dropout_p=p)
+        if visual_feats is None:
+            return e
+        v = self.visual_projection(visual_feats.to(self.visual_projection.weight.dtype))
+        align = None if image_text_alignment is None else image_text_alignment[:, :v.shape[1]]
+        vis = ops.visualbert_visual_embeddings(v, visual_token_type_ids, align,
+                                               self.visual_token_type_embeddings.weight,
+                                               self.visual_position_embeddings.weight, self.position_embeddings.weight,
+                                               ln.weight, ln.bias, eps=ln.eps, dropout_p=p)
+        return torch.cat([e, vis], dim=1)
 
 
 class VisualBert(PretrainedModel):
