@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlfast import ops
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, load_hf_bert,
                                 load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, SingleStreamOutput, as_bool_mask, check_feats,
@@ -239,9 +240,13 @@ class VLBert(PretrainedModel):
     def object_representations(self, visual_feats: Tensor, visual_boxes: Tensor, image_size: Tensor) -> Tensor:
         """visual_feats (B,Lv,visual_feat_dim), visual_boxes (B,Lv,4) pixels, image_size
         (B,2) (width, height) -> obj_reps (B,Lv,visual_size)."""
+        return F.relu(self._object_hidden(visual_feats, visual_boxes, image_size))
+
+    def _object_hidden(self, visual_feats: Tensor, visual_boxes: Tensor, image_size: Tensor) -> Tensor:
+        """obj_downsample(dropout(cat(geometry, feature))) before its ReLU: (B,Lv,visual_size)."""
         geo = box_geometry_embedding(visual_boxes, image_size[:, None, :], self.config.box_embed_dim)
         x = torch.cat((geo.to(visual_feats.dtype), visual_feats), -1)
-        return F.relu(self.obj_downsample(self.visual_dropout(x)))
+        return self.obj_downsample(self.visual_dropout(x))
 
     # ------------------------------------------------------------------ forward
 
@@ -275,6 +280,10 @@ class VLBert(PretrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         check_ids(NAME, "token_type_ids", token_type_ids, (B, Lt), c.type_vocab_size)
         dtype = self.word_embeddings.weight.dtype
+        # fused: everything after the object matmul(s) through ops.vlbert_visual_embeddings;
+        # the scalar visual_scale_* variant (visual_ln=False) stays plain torch
+        fused = c.visual_ln and visual_feats is not None and self.visual_ln_object.eps == self.embedding_LayerNorm.eps
+        obj_hidden = obj_reps = None
 
         # ---- visual inputs -> object representations
         if visual_feats is None:
@@ -296,9 +305,10 @@ class VLBert(PretrainedModel):
                      f"shape {tuple(visual_boxes.shape)}")
             image_size = self._check_image_size(image_size, B)
             v_mask = as_bool_mask(NAME, "visual_mask", visual_mask, (B, Lv), dev)
-            obj_reps = self.object_representations(visual_feats.to(dtype), visual_boxes.to(dev),
-                                                   image_size.to(dev))
-            obj_reps = obj_reps * v_mask[..., None].to(obj_reps.dtype)    # official: zeros at padded slots
+            obj_hidden = self._object_hidden(visual_feats.to(dtype), visual_boxes.to(dev), image_size.to(dev))
+            if not fused:
+                obj_reps = F.relu(obj_hidden)
+                obj_reps = obj_reps * v_mask[..., None].to(obj_reps.dtype)    # official: zeros at padded slots
         if visual_token_type_ids is None:
             v_types = torch.full((B, Lv), OBJECT_TOKEN_TYPE, dtype=torch.long, device=dev)
         else:
@@ -312,13 +322,20 @@ class VLBert(PretrainedModel):
         else:
             tags = check_ids(NAME, "text_tags", text_tags, (B, Lt), max(Lv, 1))
         aux = self.aux_text_visual_embedding.weight[0].expand(B, Lt, -1)
-        if Lv:
+        if Lv and fused:
+            # obj_reps[b, tag] = relu(obj_hidden[b, tag]) * mask[b, tag]: gather first, same values
+            idx = tags.long()[..., None]
+            text_vis = F.relu(torch.gather(obj_hidden, 1, idx.expand(B, Lt, obj_hidden.shape[-1])))
+            text_vis = text_vis * torch.gather(v_mask, 1, tags.long())[..., None].to(text_vis.dtype)
+            text_vis = torch.where(has_region[:, None, None], text_vis, aux)
+        elif Lv:
             text_vis = torch.gather(obj_reps, 1, tags.long()[..., None].expand(B, Lt, obj_reps.shape[-1]))
             text_vis = torch.where(has_region[:, None, None], text_vis, aux)
         else:
             text_vis = aux
         text_emb = self.word_embeddings(input_ids) + self._visual(text_vis, "text")
-        obj_emb = self.object_linguistic_embeddings.weight[0] + self._visual(obj_reps, "object")
+        if not fused:
+            obj_emb = self.object_linguistic_embeddings.weight[0] + self._visual(obj_reps, "object")
         end_emb = self.end_embedding.weight[0].expand(B, 1, -1)
 
         # ---- positions and token types of [text slots][visual slots][END]
@@ -333,9 +350,29 @@ class VLBert(PretrainedModel):
         pos = torch.cat((t_pos, (n_t + off).expand(B, Lv), n_t + 1 + off), 1)
         types = torch.cat((token_type_ids.long(), v_types.long(),
                            torch.full((B, 1), OBJECT_TOKEN_TYPE, dtype=torch.long, device=dev)), 1)
-        x = torch.cat((text_emb, obj_emb.to(text_emb.dtype), end_emb), 1)
-        x = x + self.position_embeddings(pos) + self.token_type_embeddings(types)
-        x = self.embedding_dropout(self.embedding_LayerNorm(x))
+        if fused:
+            # the LayerNorm is per row: text and [END] rows here, object rows in the op
+            ln, p = self.embedding_LayerNorm, self.embedding_dropout.p if self.training else 0.0
+            te = torch.cat((text_emb, end_emb), 1)
+            te_rows = torch.cat((pos[:, :Lt], pos[:, Lt + Lv:]), 1), torch.cat((types[:, :Lt], types[:, Lt + Lv:]), 1)
+            te = te + self.position_embeddings(te_rows[0]) + self.token_type_embeddings(te_rows[1])
+            te = self.embedding_dropout(ln(te))
+            if self.visual_1x1_object is not None:     # ReLU and mask come before that matmul
+                obj_in = self.visual_1x1_object(F.relu(obj_hidden) * v_mask[..., None].to(obj_hidden.dtype))
+                relu, omask = False, None
+            else:
+                obj_in, relu, omask = obj_hidden, True, v_mask
+            vln = self.visual_ln_object
+            obj = ops.vlbert_visual_embeddings(obj_in, pos[:, Lt:Lt + Lv], types[:, Lt:Lt + Lv],
+                                               self.object_linguistic_embeddings.weight,
+                                               self.position_embeddings.weight, self.token_type_embeddings.weight,
+                                               vln.weight, vln.bias, ln.weight, ln.bias, visual_mask=omask,
+                                               relu=relu, eps=ln.eps, dropout_p=p)
+            x = torch.cat((te[:, :Lt], obj.to(te.dtype), te[:, Lt:]), 1)
+        else:
+            x = torch.cat((text_emb, obj_emb.to(text_emb.dtype), end_emb), 1)
+            x = x + self.position_embeddings(pos) + self.token_type_embeddings(types)
+            x = self.embedding_dropout(self.embedding_LayerNorm(x))
         mask = torch.cat((t_mask, v_mask, torch.ones(B, 1, dtype=torch.bool, device=dev)), 1)
 
         # ---- encoder, pooler
