@@ -271,3 +271,121 @@ def test_bad_input_names_argument_expected_and_actual():
             r"image_text_alignment: expected values in \[-1, 20\) \(-1 = none\), got -2 at index \(1, 2, 0\)")
     _raises(lambda: ops.visualbert_visual_embeddings(x[0], pid, al[:, :4], *x[1:]),
             r"image_text_alignment: expected shape \(2, 5, 3\), got shape \(2, 4, 3\)")
+
+
+# ----------------------------------------------------------------------------------
+# The models' embedding modules on the ops
+# ----------------------------------------------------------------------------------
+
+def _tiny_inputs(vocab: int, fdim: int, bdim: int, B: int = 2, Lt: int = 6, Lv: int = 5):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (B, Lt), generator=g)
+    am = torch.ones(B, Lt, dtype=torch.bool)
+    am[1, 4:] = False
+    feats = torch.randn(B, Lv, fdim, generator=g)
+    vm = torch.ones(B, Lv, dtype=torch.bool)
+    vm[0, 3:] = False
+    boxes = torch.rand(B, Lv, bdim, generator=g)
+    return ids, am, feats, vm, boxes
+
+
+def test_modules_equal_their_plain_torch_formulas_bitwise():
+    """CPU fp32, eval: the switched modules give exactly the old plain-torch values."""
+    import torch.nn.functional as F
+    from vlfast.models.uniter import Uniter, UniterConfig
+    from vlfast.models.vilbert import ViLBert, ViLBertConfig
+    from vlfast.models.visualbert import VisualBert, VisualBertConfig
+
+    u = Uniter(UniterConfig.small()).eval()
+    ids, am, f, vm, bx = _tiny_inputs(u.config.vocab_size, u.config.img_dim, 7)
+    te = u.embeddings
+    L = ids.shape[1]
+    want = te.LayerNorm(te.word_embeddings(ids) + te.position_embeddings(torch.arange(L)[None].expand(2, L))
+                        + te.token_type_embeddings(torch.zeros_like(ids)))
+    assert torch.equal(te(ids), want)
+    ie, tid = u.img_embeddings, torch.ones(2, 5, dtype=torch.long)
+    imask = vm.clone()
+    f2 = f + imask[..., None].float() * ie.mask_embedding.weight[1]
+    want = ie.LayerNorm(ie.img_layer_norm(ie.img_linear(f2)) + ie.pos_layer_norm(ie.pos_linear(bx))
+                        + te.token_type_embeddings(tid))
+    assert torch.equal(ie(f, bx, tid, te.token_type_embeddings.weight, imask), want)
+
+    v = ViLBert(ViLBertConfig.small()).eval()
+    ve = v.v_embeddings
+    f = torch.randn(2, 5, v.config.v_feature_size)
+    b5 = torch.rand(2, 5, 5)
+    assert torch.equal(ve(f, b5), ve.LayerNorm(ve.image_embeddings(f) + ve.image_location_embeddings(b5)))
+
+    vb = VisualBert(VisualBertConfig.small()).eval()
+    e = vb.embeddings
+    ids, am, f, vm, bx = _tiny_inputs(vb.config.vocab_size, vb.config.visual_embedding_dim, 4)
+    tt, vt = torch.zeros_like(ids), torch.ones(2, 5, dtype=torch.long)
+    align = torch.tensor([[[0, 2], [-1, -1], [3, -1], [1, 1], [5, 0]]] * 2)
+    for a in (None, align):
+        want = e.LayerNorm(torch.cat([e.text(ids, tt), e.visual(f, vt, a)], 1))
+        assert torch.equal(e(ids, tt, f, vt, a), want)
+
+
+class _EmbeddingsOnly:
+    """Stands in for ``vlfast._dispatch`` inside the embedding op module: the embedding
+    ops see the requested backend, every other op keeps the default (the interpreted
+    attention kernels would make these model tests slow)."""
+
+    def __init__(self, real, backend: str):
+        self._real, self._backend = real, backend
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def requested_backend(self) -> str:
+        return self._backend
+
+
+# (ViLBERT's module is a plain sum + LayerNorm, covered bitwise above; its tiny model
+# alone takes ~10 s on a 2-core CPU, so it is left out here)
+@pytest.mark.parametrize("model", ["visualbert", "uniter", "vlbert", "vlbert_relu"])
+def test_models_with_triton_embeddings_match_the_reference(model, monkeypatch):
+    """Tiny configs: the embedding ops forced to Triton (interpreted) vs the reference,
+    eval; outputs and the gradients of every embedding table and LayerNorm."""
+    from vlfast.kernels.embeddings import op as eop
+    from vlfast.models.uniter import Uniter, UniterConfig
+    from vlfast.models.visualbert import VisualBert, VisualBertConfig
+    from vlfast.models.vlbert import VLBert, VLBertConfig
+
+    torch.manual_seed(0)
+    if model == "visualbert":
+        m = VisualBert(VisualBertConfig.small())
+        ids, am, f, vm, bx = _tiny_inputs(m.config.vocab_size, m.config.visual_embedding_dim, 4)
+        call = lambda: m(ids, am, None, f, visual_mask=vm)  # noqa: E731
+    elif model == "uniter":
+        m = Uniter(UniterConfig.small())
+        ids, am, f, vm, bx = _tiny_inputs(m.config.vocab_size, m.config.img_dim, 7)
+        call = lambda: m(ids, am, None, f, bx, vm, img_masks=vm & (torch.arange(5) == 1))  # noqa: E731
+    else:
+        c = VLBertConfig.small()
+        if model == "vlbert_relu":
+            c.visual_size = c.hidden_size  # no visual_1x1: the op applies ReLU and the mask
+        m = VLBert(c)
+        with torch.no_grad():
+            m.visual_ln_text.weight.fill_(1.0)
+            m.visual_ln_object.weight.fill_(1.0)
+        ids, am, f, vm, bx = _tiny_inputs(c.vocab_size, c.visual_feat_dim, 4)
+        bx = bx * 100
+        bx[..., 2:] += 100
+        call = lambda: m(ids, am, None, f, bx, vm, image_size=torch.full((2, 2), 300.0))  # noqa: E731
+    m.eval()
+    outs = {}
+    real = eop._dispatch
+    for backend in ("reference", "triton"):
+        m.zero_grad(set_to_none=True)
+        monkeypatch.setattr(eop, "_dispatch", _EmbeddingsOnly(real, backend))
+        o = call()
+        h = o.last_hidden_state
+        (h.square().mean() + o.pooler_output.sum()).backward()
+        tables = {n: p.grad.clone() for n, p in m.named_parameters()
+                  if p.grad is not None and ("embedding" in n or "LayerNorm" in n or "layer_norm" in n)}
+        outs[backend] = (h.detach(), tables)
+    torch.testing.assert_close(outs["triton"][0], outs["reference"][0], atol=2e-4, rtol=1e-3)
+    assert outs["triton"][1].keys() == outs["reference"][1].keys() and outs["reference"][1]
+    for n, gref in outs["reference"][1].items():
+        torch.testing.assert_close(outs["triton"][1][n], gref, atol=2e-4, rtol=1e-3, msg=lambda s: f"{n}: {s}")
