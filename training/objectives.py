@@ -47,14 +47,17 @@ parameters (so official heads can be loaded; see :meth:`Objective.official_keys`
 Loss normalisation follows each official training script, so official
 hyper-parameters transfer.
 
-Fused ops: every classification loss runs through ``vlfast.ops.linear_cross_entropy``
-(MLM, MRC) or ``linear_soft_cross_entropy`` (MRC-kl and ViLBERT's masked multimodal
-with ``kl=True``, VL-BERT's masked RoI), which go from the head's hidden states to the
-loss in chunks of rows and never hold the (Nm, vocab) logits on GPU; the accuracy
-metrics use the op's argmax by-product.  The head transforms (dense -> GELU ->
-LayerNorm) run their LayerNorm on ``ops.layer_norm``.  On CPU (the ops'
-reference path) every loss and metric is bitwise the plain-torch formula.  A batch with no masked item gives a zero loss that is still
-connected to the head (so gradients exist and are zero).
+A batch with no masked item gives a zero loss that is still connected to the head (so
+gradients exist and are zero).
+
+Fused ops: the masked-word and masked-region classification losses run through
+``vlfast.ops.linear_cross_entropy`` (MLM, MRC) or ``linear_soft_cross_entropy`` (MRC-kl
+and ViLBERT's masked multimodal with ``kl=True``, VL-BERT's masked RoI), which go from
+the head's hidden states to the loss in chunks of rows and never hold the (Nm, vocab)
+logits on GPU; the accuracy metrics use the op's argmax by-product.  The head
+transforms (dense -> GELU -> LayerNorm) run their LayerNorm on ``ops.layer_norm``.  On
+CPU (the ops' reference path) every loss, metric and gradient is bitwise the
+plain-torch formula.  The 2-way pair heads keep ``F.cross_entropy``.
 """
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from vlfast import ops
 from vlfast.kernels.linear_cross_entropy import op as lce
-from vlfast.kernels.linear_cross_entropy import reference as ref
 from vlfast.testing import assert_close_to_oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
