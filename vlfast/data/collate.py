@@ -19,8 +19,12 @@ Task-specific fields::
     nlvr2      "img_ids": [left, right] (instead of "img_id"), "label": 0/1
     mc         "choices": list[list[int]] (K answer token ids each), "label": int
     ref        "target_region": int (index of the referred region)
+    nlvr2      (layout "triplet": the same fields; both images share one row)
     retrieval  "neg_img_ids": list[str] (optional: explicit, e.g. hard, negatives),
                "neg_input_ids": list[list[int]] (optional: negative texts)
+    grounding  "phrases": list of {"position": int, "regions": list[int]} (a caption
+               with several phrases: VisualBERT's layout), or "target_regions":
+               list[int] (the text is one phrase: ViLBERT's layout)
 
 A fine-tuning target is produced when every sample carries its field, and left out
 when none does (test splits); a batch mixing both is an error.
@@ -45,6 +49,9 @@ Pretraining tasks of :func:`collate_pretrain` (conditional masking: one modality
 Rows and samples: NLVR2 (paired: one row per image), multiple choice (one row per
 choice) and retrieval (one row per candidate image/text) give more rows than
 samples; ``targets["pair_index"]`` (rows,) says which sample each row belongs to.
+NLVR2's "triplet" layout (UNITER's triplet, VisualBERT) keeps one row per sample
+with both images' regions and says which image each region is from in
+``targets["img_index"]`` (B, Lv) long (0 left, 1 right).
 
 Randomness: the functions take ``rng`` (a numpy Generator or an int seed).
 :func:`make_collator` returns a picklable :class:`Collator` (DataLoader
@@ -70,14 +77,15 @@ from vlfast.data.batch import ImageRecord, VLBatch
 from vlfast.data.masking import (IGNORE_INDEX, _njit, _use_numba, mask_regions_batch, mask_text_batch)
 
 __all__ = ["PRETRAIN_TASKS", "FINETUNE_TASKS", "Collator", "make_collator", "collate_pretrain", "collate_vqa",
-           "collate_nlvr2", "collate_mc", "collate_ref", "collate_retrieval", "vqa_answer_score",
-           "pack_offsets", "packed_index", "joint_packed_index"]
+           "collate_nlvr2", "collate_mc", "collate_ref", "collate_retrieval", "collate_grounding",
+           "grounding_region_targets", "vqa_answer_score", "pack_offsets", "packed_index", "joint_packed_index"]
 
 TEXT_TASKS = ("mlm",)
 REGION_TASKS = ("mrfr", "mrc", "mrc-kl", "mrc-vlbert", "mrm-vilbert")
 SOFT_LABEL_TASKS = ("mrc", "mrc-kl", "mrc-vlbert", "mrm-vilbert")
 PRETRAIN_TASKS = TEXT_TASKS + REGION_TASKS + ("itm",)
-FINETUNE_TASKS = ("vqa", "nlvr2", "mc", "ref", "retrieval")
+FINETUNE_TASKS = ("vqa", "nlvr2", "mc", "ref", "retrieval", "grounding")
+NLVR2_LAYOUTS = ("paired", "triplet")
 
 RngLike = Union[np.random.Generator, int]
 Sample = Mapping[str, Any]
@@ -377,12 +385,51 @@ def _int_label(s: Sample, i: int, where: str, hi: Optional[int] = None) -> int:
     return int(lab)
 
 
-def collate_nlvr2(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *, pad_id: int = 0) -> VLBatch:
-    """NLVR2, paired setting (UNITER's "paired", VisualBERT's and ViLBERT's NLVR2): each
-    sample's statement is paired with each of its two images -> 2B rows, sample b on
-    rows 2b (left) and 2b+1 (right).  ``pair_index`` (2B,) long; ``nlvr2_labels``
-    (B,) long.  Samples: "img_ids" [left, right], "label" 0/1."""
+def _concat_pairs(imgs: _Images) -> tuple[_Images, np.ndarray]:
+    """Rows 2b, 2b+1 of ``imgs`` -> one row b holding row 2b's regions then row 2b+1's;
+    also the (B, Lv) image index (0 / 1) of each slot."""
+    n = imgs.num_boxes.reshape(-1, 2)
+    B, Lv = n.shape[0], int(n.sum(1).max())
+    out = _Images.__new__(_Images)
+    out.num_boxes = n.sum(1)
+    out.feats = np.zeros((B, Lv, imgs.feats.shape[2]), dtype=np.float32)
+    out.boxes = np.zeros((B, Lv, 4), dtype=np.float32)
+    out.mask = np.zeros((B, Lv), dtype=bool)
+    out.soft = None if imgs.soft is None else np.zeros((B, Lv, imgs.soft.shape[2]), dtype=np.float32)
+    out.size = imgs.size[0::2].copy()
+    index = np.zeros((B, Lv), dtype=np.int64)
+    for b in range(B):
+        k = 0
+        for j in range(2):
+            r, m = 2 * b + j, int(n[b, j])
+            out.feats[b, k:k + m] = imgs.feats[r, :m]
+            out.boxes[b, k:k + m] = imgs.boxes[r, :m]
+            if out.soft is not None:
+                out.soft[b, k:k + m] = imgs.soft[r, :m]
+            index[b, k:k + m] = j
+            k += m
+        out.mask[b, :k] = True
+    return out, index
+
+
+def collate_nlvr2(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *, layout: str = "paired",
+                  pad_id: int = 0) -> VLBatch:
+    """NLVR2.  Samples: "img_ids" [left, right], "label" 0/1 (optional).
+
+    layout "paired" (UNITER's "paired"/"paired-attn", ViLBERT's NLVR2): each sample's
+    statement is paired with each of its two images -> 2B rows, sample b on rows 2b
+    (left) and 2b+1 (right); ``pair_index`` (2B,) long.
+
+    layout "triplet" (UNITER's "triplet", VisualBERT's NLVR2): one row per sample, the
+    statement once and the left image's regions followed by the right one's (Lv = the
+    largest sum); ``img_index`` (B, Lv) long: 0 for the left image's regions, 1 for the
+    right one's (0 at padding); ``image_size`` is the left image's.  meta["img_ids"] is
+    per row: the pair [left, right].
+
+    ``nlvr2_labels`` (B,) long in both layouts."""
     where = "collate_nlvr2"
+    if layout not in NLVR2_LAYOUTS:
+        raise ValueError(f"{where}: layout: expected one of {NLVR2_LAYOUTS}, got {layout!r}")
     _check_samples(samples, where)
     text, img_ids = [], []
     for i, s in enumerate(samples):
@@ -393,6 +440,15 @@ def collate_nlvr2(samples: Sequence[Sample], records: Mapping[str, ImageRecord],
         text += [t, t]
         img_ids += list(pair)
     imgs = _images(records, img_ids, where)
+    if layout == "triplet":
+        joint, index = _concat_pairs(imgs)
+        targets = {"img_index": torch.from_numpy(index)}
+        if _has_all(samples, ("label",), where):
+            targets["nlvr2_labels"] = torch.tensor([_int_label(s, i, where, 2) for i, s in enumerate(samples)],
+                                                   dtype=torch.long)
+        meta = {"task": "nlvr2", "ids": [s.get("id") for s in samples],
+                "img_ids": [list(img_ids[2 * b:2 * b + 2]) for b in range(len(samples))]}
+        return _batch(text[0::2], joint, pad_id, targets, meta)
     targets = {"pair_index": torch.arange(len(samples), dtype=torch.long).repeat_interleave(2)}
     if _has_all(samples, ("label",), where):
         targets["nlvr2_labels"] = torch.tensor([_int_label(s, i, where, 2) for i, s in enumerate(samples)],
@@ -459,16 +515,34 @@ def collate_ref(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *
     return _batch(text, imgs, pad_id, targets, meta)
 
 
+def _sample_negative_text(pool: Sequence[Sample], positive: Any, rng: np.random.Generator, where: str
+                          ) -> list[int]:
+    """Uniform draw from ``pool`` of a text whose "img_id" differs from ``positive``."""
+    n = len(pool)
+    for _ in range(64):
+        cand = pool[int(rng.integers(n))] if n else None
+        if cand is not None and cand.get("img_id") != positive:
+            return _ids(cand.get("input_ids"), "text_pool[...]['input_ids']", where)
+    others = [t for t in pool if t.get("img_id") != positive]
+    if not others:
+        raise ValueError(f"{where}: text_pool: no text of an image other than {positive!r} to use as a negative")
+    return _ids(others[int(rng.integers(len(others)))].get("input_ids"), "text_pool[...]['input_ids']", where)
+
+
 def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *,
                       rng: Optional[RngLike] = None, num_negatives: int = 0,
-                      image_pool: Optional[Sequence[Any]] = None, pad_id: int = 0) -> VLBatch:
+                      image_pool: Optional[Sequence[Any]] = None, num_text_negatives: int = 0,
+                      text_pool: Optional[Sequence[Sample]] = None, pad_id: int = 0) -> VLBatch:
     """Image-text retrieval as ITM ranking (UNITER's ``ItmRankDataset``): sample b gives
     a group of rows -- the positive (its text, its image) first, then (its text,
     negative image) for each negative image, then (negative text, its image) for each
     negative text.  Negative images are the sample's "neg_img_ids" when present (hard
     negatives, or every other image at evaluation), else ``num_negatives`` draws from
     ``image_pool`` (default: the records' keys) different from the positive; negative
-    texts come from "neg_input_ids".  Every sample must give the same number of rows.
+    texts come from "neg_input_ids" when present, else ``num_text_negatives`` draws
+    from ``text_pool`` (dicts with "input_ids" and "img_id") of texts of other images
+    (per sample: the image draws, then the text draws).  Every sample must give the
+    same number of rows.
 
     targets: ``itm_labels`` (rows,) long (1 on each group's first row), ``pair_index``
     (rows,) long.  meta["img_ids"] per row, meta["pos_img_ids"] per sample.
@@ -477,6 +551,11 @@ def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageReco
     _check_samples(samples, where)
     if not isinstance(num_negatives, (int, np.integer)) or num_negatives < 0:
         raise ValueError(f"{where}: num_negatives: expected an int >= 0, got {num_negatives!r}")
+    if not isinstance(num_text_negatives, (int, np.integer)) or num_text_negatives < 0:
+        raise ValueError(f"{where}: num_text_negatives: expected an int >= 0, got {num_text_negatives!r}")
+    if num_text_negatives and not text_pool:
+        raise ValueError(f"{where}: text_pool: expected texts to draw {num_text_negatives} negative texts from, "
+                         f"got {'none' if text_pool is None else 'an empty pool'}")
     g = None
     pool = None
     text, img_ids, labels, index = [], [], [], []
@@ -491,14 +570,22 @@ def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageReco
             if pos in negs:
                 raise ValueError(f"{where}: samples[{i}]['neg_img_ids']: contains the positive image {pos!r}")
         else:
-            if num_negatives and g is None:
+            if num_negatives and pool is None:
                 if rng is None:
                     raise ValueError(f"{where}: rng: needed to draw {num_negatives} negatives per sample")
-                g = _rng(rng, where)
+                g = _rng(rng, where) if g is None else g
                 pool = list(records.keys()) if image_pool is None else image_pool
             negs = [_sample_negative(pool, pos, g, where) for _ in range(num_negatives)]
-        neg_txt = [_ids(x, f"samples[{i}]['neg_input_ids'][{k}]", where)
-                   for k, x in enumerate(s.get("neg_input_ids", ()))]
+        if "neg_input_ids" in s:
+            neg_txt = [_ids(x, f"samples[{i}]['neg_input_ids'][{k}]", where)
+                       for k, x in enumerate(s["neg_input_ids"])]
+        else:
+            if num_text_negatives and g is None:
+                if rng is None:
+                    raise ValueError(f"{where}: rng: needed to draw {num_text_negatives} negative texts per sample")
+                g = _rng(rng, where)
+            neg_txt = [_sample_negative_text(text_pool, pos, g, where)  # type: ignore[arg-type]
+                       for _ in range(num_text_negatives)]
         rows = [(t, pos)] + [(t, n) for n in negs] + [((x, [0] * len(x)), pos) for x in neg_txt]
         if n_rows is None:
             n_rows = len(rows)
@@ -515,6 +602,122 @@ def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageReco
                "pair_index": torch.tensor(index, dtype=torch.long)}
     meta = {"task": "retrieval", "ids": [s.get("id") for s in samples], "img_ids": img_ids,
             "pos_img_ids": pos_ids}
+    return _batch(text, imgs, pad_id, targets, meta)
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) xyxy boxes -> (N, M) IoU (0 where the union is empty)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def grounding_region_targets(boxes: np.ndarray, gold: Sequence[int], threshold: float = 0.5) -> np.ndarray:
+    """Per-region targets of a phrase grounded to the regions ``gold`` (indices into
+    ``boxes`` (N, 4) xyxy): each region's largest IoU with a gold region's box, zeroed
+    below ``threshold`` (ViLBERT's grounding / RefCOCO targets; the gold regions get
+    1).  (N,) float32."""
+    if len(gold) == 0:
+        raise ValueError("grounding_region_targets: gold: expected at least one gold region, got none")
+    iou = _iou_matrix(boxes.astype(np.float64), boxes[list(gold)].astype(np.float64)).max(1)
+    iou[list(gold)] = 1.0
+    return np.where(iou >= threshold, iou, 0.0).astype(np.float32)
+
+
+def _gold_regions(x: Any, n: int, what: str, where: str) -> list[int]:
+    arr = np.asarray(x)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 \
+            or arr.max() >= n:
+        raise ValueError(f"{where}: {what}: expected a non-empty list of region indices in [0, {n}), got {x!r}")
+    return arr.astype(np.int64).tolist()
+
+
+def collate_grounding(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *, iou_threshold: float = 0.5,
+                      pad_id: int = 0) -> VLBatch:
+    """Phrase grounding (Flickr30k Entities-style): one row per sample, in one of two
+    layouts (one per batch).
+
+    * The text is one phrase (ViLBERT's FlickrGrounding): samples carry
+      "target_regions" (the regions the phrase names) -> ``ref_region_targets`` (B, Lv)
+      float32, :func:`grounding_region_targets` (IoU with the gold boxes, zeroed below
+      ``iou_threshold``; 0 at padding).
+    * The text is a caption with several phrases (VisualBERT's region-to-phrase
+      alignment): samples carry "phrases", a list of {"position": the text position of
+      the phrase's token, "regions": gold region indices} -> ``phrase_positions`` (B, P)
+      long (-1 = padding, P = the most phrases of a sample) and ``phrase_targets``
+      (B, P, Lv) float32: each phrase's distribution over the regions, uniform over
+      those whose IoU with a gold region's box is >= ``iou_threshold`` (0 at padded
+      phrases).
+
+    Targets are made when every sample (every phrase) has its gold regions, left out
+    when none does (phrase positions are always needed).  meta["gold_regions"]: per
+    sample, the gold region lists (one per phrase; [] for the one-phrase layout's
+    single list), for the accuracy."""
+    where = "collate_grounding"
+    _check_samples(samples, where)
+    if not 0.0 < float(iou_threshold) <= 1.0:
+        raise ValueError(f"{where}: iou_threshold: expected a value in (0, 1], got {iou_threshold!r}")
+    text = [_text(s, i, where) for i, s in enumerate(samples)]
+    img_ids = [_field(s, "img_id", i, where) for i, s in enumerate(samples)]
+    imgs = _images(records, img_ids, where)
+    B, Lv = imgs.mask.shape
+    targets: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {"task": "grounding", "ids": [s.get("id") for s in samples], "img_ids": img_ids}
+    multi = _has_all(samples, ("phrases",), where)
+    if not multi:
+        if _has_all(samples, ("target_regions",), where):
+            t = np.zeros((B, Lv), dtype=np.float32)
+            gold = []
+            for b, s in enumerate(samples):
+                n = int(imgs.num_boxes[b])
+                g = _gold_regions(s["target_regions"], n, f"samples[{b}]['target_regions']", where)
+                t[b, :n] = grounding_region_targets(imgs.boxes[b, :n], g, iou_threshold)
+                gold.append([g])
+            targets["ref_region_targets"] = torch.from_numpy(t)
+            meta["gold_regions"] = gold
+        return _batch(text, imgs, pad_id, targets, meta)
+    phrases = []
+    for b, s in enumerate(samples):
+        ph = s["phrases"]
+        if isinstance(ph, (str, bytes)) or not isinstance(ph, Sequence):
+            raise ValueError(f"{where}: samples[{b}]['phrases']: expected a list of {{'position', 'regions'}} dicts, "
+                             f"got {type(ph).__name__}")
+        phrases.append(ph)
+    P = max(len(ph) for ph in phrases)
+    pos = np.full((B, P), -1, dtype=np.int64)
+    labelled = [all(isinstance(q, Mapping) and "regions" in q for q in ph) for ph in phrases]
+    has_regions = all(labelled)
+    if not has_regions and any(lab and len(ph) for lab, ph in zip(labelled, phrases)):
+        i = labelled.index(False)
+        raise ValueError(f"{where}: samples[{i}]['phrases']: the batch mixes phrases with and without 'regions'")
+    t = np.zeros((B, P, Lv), dtype=np.float32)
+    gold_all = []
+    for b, ph in enumerate(phrases):
+        L, n = len(text[b][0]), int(imgs.num_boxes[b])
+        gold_b = []
+        for k, q in enumerate(ph):
+            if not isinstance(q, Mapping) or "position" not in q:
+                raise ValueError(f"{where}: samples[{b}]['phrases'][{k}]: expected a dict with 'position' "
+                                 f"(and 'regions'), got {q!r}")
+            p_ = q["position"]
+            if not isinstance(p_, (int, np.integer)) or isinstance(p_, bool) or not 0 <= p_ < L:
+                raise ValueError(f"{where}: samples[{b}]['phrases'][{k}]['position']: expected a text position in "
+                                 f"[0, {L}), got {p_!r}")
+            pos[b, k] = int(p_)
+            if has_regions:
+                g = _gold_regions(q["regions"], n, f"samples[{b}]['phrases'][{k}]['regions']", where)
+                hit = grounding_region_targets(imgs.boxes[b, :n], g, iou_threshold) > 0
+                t[b, k, :n] = hit / hit.sum()
+                gold_b.append(g)
+        gold_all.append(gold_b)
+    targets["phrase_positions"] = torch.from_numpy(pos)
+    if has_regions:
+        targets["phrase_targets"] = torch.from_numpy(t)
+        meta["gold_regions"] = gold_all
     return _batch(text, imgs, pad_id, targets, meta)
 
 
@@ -584,6 +787,8 @@ class Collator:
             return collate_mc(samples, self.records, **self.options)
         if t == "ref":
             return collate_ref(samples, self.records, **self.options)
+        if t == "grounding":
+            return collate_grounding(samples, self.records, **self.options)
         return collate_retrieval(samples, self.records, rng=self.rng(samples), **self.options)
 
 
@@ -591,16 +796,17 @@ _OPTIONS = {
     "pretrain": ("mask_id", "vocab_range", "special_ids", "mask_prob", "itm_neg_prob", "image_pool",
                  "iou_threshold", "iou_offset", "pad_id", "backend"),
     "vqa": ("answer_map", "pad_id"),
-    "nlvr2": ("pad_id",),
+    "nlvr2": ("layout", "pad_id"),
     "mc": ("sep_id", "pad_id"),
     "ref": ("pad_id",),
-    "retrieval": ("num_negatives", "image_pool", "pad_id"),
+    "retrieval": ("num_negatives", "image_pool", "num_text_negatives", "text_pool", "pad_id"),
+    "grounding": ("iou_threshold", "pad_id"),
 }
 
 
 def make_collator(task: str, records: Mapping[str, ImageRecord], *, seed: int = 0, **options: Any) -> Collator:
     """The :class:`Collator` of ``task`` (a pretraining task or "vqa", "nlvr2", "mc",
-    "ref", "retrieval") over ``records``; ``options`` are the keyword arguments of the
+    "ref", "retrieval", "grounding") over ``records``; ``options`` are the keyword arguments of the
     task's collate function (e.g. ``mask_id``/``vocab_range``/``special_ids`` for
     "mlm", ``answer_map`` for "vqa")."""
     return Collator(task, records, seed=seed, **options)
