@@ -5,7 +5,8 @@ A :class:`VLJob` is built from a :class:`~vlfast.training.config.TrainConfig`:
 * ``tasks`` names either pretraining tasks of the model (UNITER: mlm, itm (+WRA),
   mrfr, mrc, mrc-kl; VisualBERT: mlm, sip; ViLBERT: mlm, masked_multimodal,
   alignment; VL-BERT: mlm, masked_roi, itm) mixed by ratio, or ONE fine-tuning task
-  (vqa, nlvr2, vcr, refcoco);
+  (vqa, nlvr2, vcr, refcoco, retrieval, phrase_grounding -- for the models whose
+  official code has it, :data:`vlfast.training.tasks.HEADS`);
 * ``data.source``: ``synthetic`` (the embedded world of :mod:`vlfast.data.synthetic`;
   ``data.options``: seed, n_images, feat_dim, ...), or real features: a feature
   store (``data.path``; uniter | vilbert | tsv | npz layouts) with UNITER-format text
@@ -13,14 +14,42 @@ A :class:`VLJob` is built from a :class:`~vlfast.training.config.TrainConfig`:
 * the model: ``model.name``/``size``/``config``; the model's vocabulary and region
   feature size follow the data.
 
+Task options, also under ``data.options`` (taken out before the source sees them;
+:data:`TASK_OPTIONS` has the defaults):
+
+* ``nlvr2_mode``: UNITER's NLVR2 head, ``paired`` | ``triplet`` | ``paired-attn``
+  (``triplet``: one row with both images' regions -- the "triplet" collator layout;
+  VisualBERT always uses that layout, ViLBERT always the paired one);
+* ``retrieval_negatives``: negative images drawn per text in training (from the
+  split's images); ``retrieval_text_negatives``: negative texts drawn per text (texts
+  of other images); ``retrieval_hard_negatives``: k > 0 keeps, per text, the k
+  negatives the model scores highest (scored without gradient before each step,
+  UNITER's hard-negative training) out of the drawn ones;
+* ``grounding_iou``: the IoU from which a region counts as showing a phrase (targets).
+
+Image-text retrieval is evaluated UNITER's way: every text of the split against every
+image of the split (one ITM score per pair), R@1/5/10 both ways
+(:func:`vlfast.training.metrics.retrieval_recall`; ``r_mean`` is their mean).  Phrase
+grounding: the synthetic world's caption phrases with their regions (word-region
+alignments); ViLBERT grounds one phrase per row (the phrase as the text), VisualBERT
+all phrases of a caption at once (each phrase queried at its last wordpiece, the head
+noun of the synthetic noun phrases); accuracy = the predicted region's box has IoU >=
+0.5 with a gold box of the phrase (Flickr30k Entities' any-box rule).
+
 Batches are a pure function of (seed, task, epoch, position): every rank draws the
 same permutation and takes its shard, so resumed and distributed runs see the same
-data.  Evaluation returns the same numbers on every rank.
+data.  Train and evaluation batches come from a ``torch.utils.data.DataLoader`` over
+the batches' index lists with ``data.num_workers`` workers (no persistent workers;
+pinned memory on CUDA; workers ignore SIGTERM so the loop can checkpoint): the
+collator seeds each batch from its samples and the epoch, so 0 or N workers give the
+same batches.  Evaluation returns the same numbers on every rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -30,7 +59,7 @@ import torch
 from torch import nn
 
 from vlfast.data.batch import ImageRecord, VLBatch
-from vlfast.data.collate import Collator
+from vlfast.data.collate import Collator, collate_retrieval
 from vlfast.data.sampler import TokenBucketSampler
 from vlfast.data.tokenization import VLTokenizer
 
@@ -44,8 +73,20 @@ from .pretrain import build_pretrain_model, make_config
 PRETRAIN_COLLATE = {"mlm": "mlm", "itm": "itm", "sip": "itm", "alignment": "itm", "mrfr": "mrfr", "mrc": "mrc",
                     "mrc-kl": "mrc-kl", "masked_multimodal": "mrm-vilbert", "masked_roi": "mrc-vlbert"}
 # fine-tuning task (head) -> collator task, and the example split names of the synthetic world
-FINETUNE_COLLATE = {"vqa": "vqa", "nlvr2": "nlvr2", "vcr": "mc", "refcoco": "ref"}
-SYNTHETIC_EXAMPLES = {"vqa": "vqa", "nlvr2": "nlvr2", "vcr": "mc", "refcoco": "refexp"}
+FINETUNE_COLLATE = {"vqa": "vqa", "nlvr2": "nlvr2", "vcr": "mc", "refcoco": "ref", "retrieval": "retrieval",
+                    "phrase_grounding": "grounding"}
+SYNTHETIC_EXAMPLES = {"vqa": "vqa", "nlvr2": "nlvr2", "vcr": "mc", "refcoco": "refexp", "retrieval": "captions",
+                      "phrase_grounding": "alignment"}
+# job-level task options read from data.options (see the module docstring), with defaults
+TASK_OPTIONS: dict[str, Any] = {"nlvr2_mode": None, "retrieval_negatives": 3, "retrieval_text_negatives": 0,
+                                "retrieval_hard_negatives": 0, "grounding_iou": 0.5}
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """data.options -> (the source's options, the task options with defaults filled)."""
+    src = {k: v for k, v in options.items() if k not in TASK_OPTIONS}
+    task = {k: options.get(k, d) for k, d in TASK_OPTIONS.items()}
+    return src, task
 
 
 def _fail(arg: str, expected: str, got: object) -> None:
@@ -82,7 +123,7 @@ class SyntheticSource(DataSource):
     def __init__(self, options: Mapping[str, Any], max_len: int = 40):
         from vlfast.data.synthetic import SyntheticWorld
 
-        self.world = SyntheticWorld(**dict(options))
+        self.world = SyntheticWorld(**split_options(options)[0])
         self.records = self.world.images
         self.tokenizer = VLTokenizer.for_synthetic(self.world)
         self.feat_dim = int(self.world.config["feat_dim"])
@@ -118,6 +159,24 @@ class SyntheticSource(DataSource):
         if task == "refcoco":
             return [{"id": e["ref_id"], "input_ids": tok.encode(e["text"], L), "img_id": e["img_id"],
                      "target_region": int(e["target_region"])} for e in w.refexp(split)]
+        if task == "retrieval":
+            return [{"id": e["txt_id"], "input_ids": tok.encode(e["text"], L), "img_id": e["img_id"]}
+                    for e in w.captions(split)]
+        if task == "phrase_grounding":
+            out = []
+            for e in w.alignments(split):
+                ids, wid = tok.encode_with_word_ids(e["text"], L)
+                words = e["text"].split()
+                phrases = []
+                for ph in e["phrases"]:
+                    toks = [i for i, x in enumerate(wid) if ph["start"] <= x < ph["end"]]
+                    if not toks or not ph["regions"]:
+                        continue  # truncated away, or names no region
+                    phrases.append({"position": toks[-1], "regions": [int(r) for r in ph["regions"]],
+                                    "text": " ".join(words[ph["start"]:ph["end"]])})
+                if phrases:
+                    out.append({"id": e["txt_id"], "input_ids": ids, "img_id": e["img_id"], "phrases": phrases})
+            return out
         raise KeyError(f"the synthetic world has no examples for task {task!r}")
 
 
@@ -167,15 +226,23 @@ class FeatureStoreSource(DataSource):
             if task == "vqa" and "target" in ex:
                 s["answer_scores"] = {self.answers[int(lab)]: float(sc)
                                       for lab, sc in zip(ex["target"]["labels"], ex["target"]["scores"])}
+            if task == "phrase_grounding":
+                # word-region annotations a text DB may carry: {"position" (in input_ids, [CLS]
+                # counted), "regions", "text"} per phrase
+                if "phrases" not in ex:
+                    _fail(f"text DB {path}: record {txt_id!r}", "'phrases' (phrase grounding annotations: "
+                          "position, regions, text per phrase)", sorted(ex))
+                s["phrases"] = [dict(ph) for ph in ex["phrases"]]
             out.append(s)
         return out
 
 
 def make_source(cfg: TrainConfig) -> DataSource:
+    opts = split_options(cfg.data.options)[0]
     if cfg.data.source == "synthetic":
-        return SyntheticSource(cfg.data.options)
+        return SyntheticSource(opts)
     if cfg.data.source in ("uniter", "vilbert", "tsv", "npz"):
-        return FeatureStoreSource(cfg.data.path or "", cfg.data.options)
+        return FeatureStoreSource(cfg.data.path or "", opts)
     _fail("data.source", "synthetic | uniter | vilbert | tsv | npz", repr(cfg.data.source))
     raise AssertionError
 
@@ -191,6 +258,70 @@ class _TaskData:
     lens: list[int] = field(default_factory=list)
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the main process (it checkpoints, then exits)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Items(torch.utils.data.Dataset):
+    """A list as a map-style dataset (index -> item)."""
+
+    def __init__(self, items: list[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
+def _pin_batch(batch: VLBatch) -> VLBatch:
+    """The batch with every tensor in page-locked memory (for async host-to-GPU copies)."""
+    def pin(x: Any) -> Any:
+        return x.pin_memory() if isinstance(x, torch.Tensor) else x
+    return dataclasses.replace(batch, **{f.name: pin(getattr(batch, f.name)) for f in dataclasses.fields(batch)
+                                         if f.name not in ("targets", "meta")},
+                               targets={k: pin(v) for k, v in batch.targets.items()}, meta=dict(batch.meta))
+
+
+class _Pinnable:
+    """Carries a VLBatch through the DataLoader's pin-memory thread (which pins objects
+    with a ``pin_memory()`` method)."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: VLBatch):
+        self.batch = batch
+
+    def pin_memory(self) -> "_Pinnable":
+        return _Pinnable(_pin_batch(self.batch))
+
+
+class _CollateFn:
+    """The DataLoader's collate_fn: ``fn(samples)``, wrapped for pinning when asked."""
+
+    def __init__(self, fn: Any, pin: bool):
+        self.fn, self.pin = fn, pin
+
+    def __call__(self, samples: list[Any]) -> Any:
+        b = self.fn(samples)
+        return _Pinnable(b) if self.pin else b
+
+
+class _PairCollate:
+    """Retrieval evaluation: (text index, image index) pairs -> one ITM row each."""
+
+    def __init__(self, texts: list[dict[str, Any]], img_ids: list[Any], records: Mapping[str, ImageRecord],
+                 pad_id: int):
+        self.texts, self.img_ids, self.records, self.pad_id = texts, img_ids, records, pad_id
+
+    def __call__(self, pairs: list[tuple[int, int]]) -> VLBatch:
+        samples = [{"id": self.texts[t]["id"], "input_ids": self.texts[t]["input_ids"],
+                    "img_id": self.img_ids[i], "neg_img_ids": []} for t, i in pairs]
+        return collate_retrieval(samples, self.records, pad_id=self.pad_id)
+
+
 class VLJob:
     """Pretraining (a mix of the model's objectives) or one fine-tuning task, on a
     data source.  Implements the :class:`~vlfast.training.loop.Job` protocol."""
@@ -198,6 +329,7 @@ class VLJob:
     def __init__(self, cfg: TrainConfig, source: Optional[DataSource] = None, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
+        self.options = split_options(cfg.data.options)[1]
         self.source = source if source is not None else make_source(cfg)
         tasks = list(cfg.tasks)
         fine = [t for t in tasks if t in FINETUNE_COLLATE]
@@ -227,14 +359,41 @@ class VLJob:
                 if not src.answers:
                     _fail("data", "an answer label map for VQA (ans2label.json)", "none")
                 kw["answers"] = src.answers
+            if task == "nlvr2":
+                mode = self.options["nlvr2_mode"]
+                allowed = {"uniter": ("paired", "triplet", "paired-attn"), "vilbert": ("paired",),
+                           "visualbert": ("triplet",)}.get(name, ())
+                if mode is not None and mode not in allowed:
+                    _fail("data.options.nlvr2_mode", f"one of {allowed} for {name}'s NLVR2 head (or null)",
+                          repr(mode))
+                if name == "uniter":
+                    kw["mode"] = mode or "paired"
+                self.nlvr2_layout = "triplet" if (name == "visualbert" or mode == "triplet") else "paired"
+            if task == "retrieval":
+                o = self.options
+                for k in ("retrieval_negatives", "retrieval_text_negatives", "retrieval_hard_negatives"):
+                    if not isinstance(o[k], int) or isinstance(o[k], bool) or o[k] < 0:
+                        _fail(f"data.options.{k}", "an int >= 0", repr(o[k]))
+                if o["retrieval_negatives"] + o["retrieval_text_negatives"] < 1:
+                    _fail("data.options.retrieval_negatives", "at least one negative (image or text) per text",
+                          o["retrieval_negatives"])
+                if o["retrieval_hard_negatives"] > o["retrieval_negatives"] + o["retrieval_text_negatives"]:
+                    _fail("data.options.retrieval_hard_negatives", "<= the drawn negatives "
+                          f"({o['retrieval_negatives'] + o['retrieval_text_negatives']})",
+                          o["retrieval_hard_negatives"])
+            if task == "phrase_grounding":
+                iou = self.options["grounding_iou"]
+                if not isinstance(iou, (int, float)) or not 0 < float(iou) <= 1:
+                    _fail("data.options.grounding_iou", "a value in (0, 1]", repr(iou))
             self.model = T.head_for(task, model_cfg, **kw)
+        self.model_name = name
         self.pad_id = tok.pad_id
         self._train: dict[str, _TaskData] = {}
         self._eval: dict[str, _TaskData] = {}
 
     # -- data --------------------------------------------------------------------
 
-    def _collator(self, task: str, seed: int) -> Collator:
+    def _collator(self, task: str, seed: int, examples: Optional[list[dict[str, Any]]] = None) -> Collator:
         tok = self.source.tokenizer
         if self.kind == "pretrain":
             opts: dict[str, Any] = {"pad_id": tok.pad_id}
@@ -249,20 +408,60 @@ class VLJob:
             opts["answer_map"] = {a: i for i, a in enumerate(self.source.answers)}
         if ct == "mc":
             opts["sep_id"] = tok.sep_id
+        if ct == "nlvr2":
+            opts["layout"] = self.nlvr2_layout
+        if ct == "grounding":
+            opts["iou_threshold"] = float(self.options["grounding_iou"])
+        if ct == "retrieval" and examples is not None:
+            # negatives come from the split's own images and texts
+            opts["num_negatives"] = int(self.options["retrieval_negatives"])
+            opts["image_pool"] = sorted({e["img_id"] for e in examples})
+            if self.options["retrieval_text_negatives"]:
+                opts["num_text_negatives"] = int(self.options["retrieval_text_negatives"])
+                opts["text_pool"] = [{"input_ids": e["input_ids"], "img_id": e["img_id"]} for e in examples]
         return Collator(ct, self.source.records, seed=seed, **opts)
 
     def _task_data(self, task: str, split: str) -> _TaskData:
         cache = self._train if split == "train" else self._eval
         if task not in cache:
             ex = self.source.examples(task, split)
+            if task == "phrase_grounding" and self.model_name == "vilbert":
+                ex = self._one_phrase_examples(ex)
             if not ex:
                 _fail(f"data ({split} split)", f"examples for task {task!r}", "none")
             seed = _task_seed(self.cfg.seed, task) + (0 if split == "train" else 1)
             lens = [len(e["input_ids"]) + self.source.records.num_boxes(e["img_id"])
                     if hasattr(self.source.records, "num_boxes") and "img_id" in e else len(e["input_ids"])
                     for e in ex]
-            cache[task] = _TaskData(ex, self._collator(task, seed), lens)
+            cache[task] = _TaskData(ex, self._collator(task, seed, ex), lens)
         return cache[task]
+
+    def _one_phrase_examples(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """ViLBERT's grounding layout: one example per phrase, the phrase as the text."""
+        tok, L = self.source.tokenizer, getattr(self.source, "max_len", 40)
+        out = []
+        for e in examples:
+            for k, ph in enumerate(e["phrases"]):
+                ex = {"id": f"{e['id']}#{k}", "input_ids": tok.encode(ph["text"], L), "img_id": e["img_id"],
+                      "sentence_id": e["id"], "phrase_index": k}
+                if "regions" in ph:
+                    ex["target_regions"] = list(ph["regions"])
+                out.append(ex)
+        return out
+
+    def _loader(self, items: list[Any], batches: list[list[int]], collate: Any, seed: int) -> Iterator[VLBatch]:
+        """Batches of ``items`` (index lists ``batches``) through a DataLoader with
+        data.num_workers workers; ``seed`` seeds the loader's own generator (the global
+        RNGs are never drawn from, so the training trajectory does not depend on it)."""
+        nw = int(self.cfg.data.num_workers)
+        pin = self.cfg.device != "cpu" and torch.cuda.is_available()
+        g = torch.Generator()
+        g.manual_seed(seed % 2**63)
+        loader = torch.utils.data.DataLoader(
+            _Items(items), batch_sampler=batches, num_workers=nw, collate_fn=_CollateFn(collate, pin),
+            pin_memory=pin, persistent_workers=False, worker_init_fn=_ignore_sigterm if nw else None, generator=g)
+        for b in loader:
+            yield b.batch if isinstance(b, _Pinnable) else b
 
     def _batches_of_epoch(self, td: _TaskData, task: str, epoch: int) -> list[list[int]]:
         """This rank's batches (lists of example indices) of an epoch."""
@@ -283,10 +482,13 @@ class VLJob:
         return [mine[i * bs:(i + 1) * bs].tolist() for i in range(n)]
 
     def train_batches(self, task: str, epoch: int, start: int) -> Iterator[VLBatch]:
+        """This rank's batches of ``task`` in ``epoch`` from position ``start`` on (a
+        DataLoader over the epoch's index lists; the skipped ones are never loaded)."""
         td = self._task_data(task, "train")
         td.collator.set_epoch(epoch)
-        for idx in self._batches_of_epoch(td, task, epoch)[start:]:
-            yield td.collator([td.examples[i] for i in idx])
+        batches = self._batches_of_epoch(td, task, epoch)[start:]
+        seed = _task_seed(self.cfg.seed, f"{task}/loader/{epoch}/{start}/{self.rank}")
+        return self._loader(td.examples, batches, td.collator, seed)
 
     # -- steps -------------------------------------------------------------------
 
@@ -294,6 +496,10 @@ class VLJob:
         if self.kind == "pretrain":
             res = model(batch, task)
             return StepOutput(res.loss, res.metrics, batch.batch_size, batch.num_real_tokens)
+        hard = int(self.options["retrieval_hard_negatives"]) if task == "retrieval" else 0
+        if hard:
+            # UNITER's hard negatives: score the drawn candidates without gradient, keep the k best
+            batch = getattr(model, "module", model).mine_hard_negatives(batch, hard)
         out = model(batch)
         return StepOutput(out.loss, {}, len(batch.meta.get("ids", ())) or batch.batch_size, batch.num_real_tokens)
 
@@ -302,9 +508,10 @@ class VLJob:
     def _eval_batches(self, task: str, split: str) -> Iterator[tuple[list[dict[str, Any]], VLBatch]]:
         td = self._task_data(task, split)
         bs = self.cfg.data.eval_batch_size
-        for i in range(0, len(td.examples), bs):
-            ex = td.examples[i:i + bs]
-            yield ex, td.collator(ex)
+        chunks = [list(range(i, min(i + bs, len(td.examples)))) for i in range(0, len(td.examples), bs)]
+        batches = self._loader(td.examples, chunks, td.collator, _task_seed(self.cfg.seed, f"{task}/eval/{split}"))
+        for idx, batch in zip(chunks, batches):
+            yield [td.examples[i] for i in idx], batch
 
     def evaluate(self, model: nn.Module, split: str = "val") -> dict[str, float]:
         """Validation metrics: pretraining -> mean loss (and metrics) per task;
@@ -329,8 +536,15 @@ class VLJob:
 
     def predict(self, model: nn.Module, split: str) -> dict[str, Any]:
         """Predictions of the fine-tuning task on ``split``: {"ids", "predictions"
-        (answers / labels / region indices), "metrics" (when the split has labels)}."""
+        (answers / labels / region indices), "metrics" (when the split has labels)}.
+        Retrieval adds "scores" (n_text, n_image), "text_ids", "image_ids"; phrase
+        grounding gives one prediction per phrase with "phrases" (sentence id, phrase
+        index, image id) and "boxes" (the predicted boxes, normalised xyxy)."""
         task = self.tasks[0]
+        if task == "retrieval":
+            return self._predict_retrieval(model, split)
+        if task == "phrase_grounding":
+            return self._predict_grounding(model, split)
         device = next(model.parameters()).device
         ids: list[Any] = []
         preds: list[Any] = []
@@ -359,6 +573,67 @@ class VLJob:
                 result["metrics"] = {"accuracy": M.accuracy(p, [int(g) for g in gold])}
         return result
 
+    def retrieval_scores(self, model: nn.Module, split: str) -> tuple[torch.Tensor, list[Any], list[Any], list[int]]:
+        """Every text of ``split`` against every image of it: (scores (n_text, n_image)
+        float32, text ids, image ids (sorted), each text's image index)."""
+        td = self._task_data("retrieval", split)
+        texts = td.examples
+        img_ids = sorted({e["img_id"] for e in texts})
+        col = {k: j for j, k in enumerate(img_ids)}
+        nt, ni = len(texts), len(img_ids)
+        pairs = [(t, i) for t in range(nt) for i in range(ni)]
+        bs = self.cfg.data.eval_batch_size
+        chunks = [list(range(k, min(k + bs, len(pairs)))) for k in range(0, len(pairs), bs)]
+        collate = _PairCollate(texts, img_ids, self.source.records, self.pad_id)
+        device = next(model.parameters()).device
+        scores = torch.empty(nt * ni, dtype=torch.float32)
+        batches = self._loader(pairs, chunks, collate, _task_seed(self.cfg.seed, f"retrieval/eval/{split}"))
+        for idx, batch in zip(chunks, batches):
+            scores[idx[0]:idx[-1] + 1] = model.row_scores(batch.to(device)).float().cpu()
+        return scores.view(nt, ni), [e["id"] for e in texts], img_ids, [col[e["img_id"]] for e in texts]
+
+    def _predict_retrieval(self, model: nn.Module, split: str) -> dict[str, Any]:
+        scores, tids, iids, gold = self.retrieval_scores(model, split)
+        best = scores.argmax(1).tolist()
+        return {"ids": tids, "predictions": [iids[j] for j in best], "scores": scores, "text_ids": tids,
+                "image_ids": iids, "metrics": M.retrieval_recall(scores, gold)}
+
+    def _predict_grounding(self, model: nn.Module, split: str) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        ids: list[Any] = []
+        preds: list[int] = []
+        phrases: list[dict[str, Any]] = []
+        boxes: list[list[float]] = []
+        hits: list[bool] = []
+        labelled = True
+        for ex, batch in self._eval_batches("phrase_grounding", split):
+            out = model(batch.to(device))
+            pred = out.predictions.cpu()
+            if pred.dim() == 1:  # one phrase per row (ViLBERT)
+                pred = pred[:, None]
+            for b, e in enumerate(ex):
+                rec = self.source.records[e["img_id"]]
+                if "phrases" in e:
+                    items = [(e["id"], k, ph.get("regions")) for k, ph in enumerate(e["phrases"])]
+                else:
+                    items = [(e["sentence_id"], e["phrase_index"], e.get("target_regions"))]
+                for k, (sid, pk, gold) in enumerate(items):
+                    r = int(pred[b, k])
+                    ids.append(f"{sid}#{pk}")
+                    preds.append(r)
+                    phrases.append({"sentence_id": sid, "phrase_index": pk, "image_id": e["img_id"]})
+                    box = torch.as_tensor(rec.boxes[r], dtype=torch.float32)
+                    boxes.append(box.tolist())
+                    if gold is None:
+                        labelled = False
+                    else:
+                        g = torch.as_tensor(np.asarray(rec.boxes)[list(gold)], dtype=torch.float32)
+                        hits.append(bool((M.box_iou(box.expand_as(g), g) >= 0.5).any()))
+        result: dict[str, Any] = {"ids": ids, "predictions": preds, "phrases": phrases, "boxes": boxes, "metrics": {}}
+        if labelled and hits:
+            result["metrics"] = {"accuracy": float(np.mean(hits))}
+        return result
+
     def write_predictions(self, model: nn.Module, split: str, out_dir: Path) -> tuple[Path, dict[str, float]]:
         """Run :meth:`predict` and write the benchmark's submission file into out_dir."""
         from . import submission as S
@@ -376,8 +651,20 @@ class VLJob:
             for e, region in zip(td.examples, r["predictions"]):
                 rec = self.source.records[e["img_id"]]
                 x1, y1, x2, y2 = (float(v) for v in rec.boxes[int(region)])
-                boxes.append([x1 * rec.width, y1 * rec.height, (x2 - x1) * rec.width, (y2 - y1) * rec.height])
+                boxes.append([x1 * rec.width, y1 * rec.height, x2 * rec.width, y2 * rec.height])
             path = S.write_refcoco_predictions(out_dir / f"refcoco_{split}.json", r["ids"], boxes)
+        elif task == "retrieval":
+            path = S.write_retrieval_rankings(out_dir / f"retrieval_{split}.json", r["scores"], r["text_ids"],
+                                              r["image_ids"], k=10)
+        elif task == "phrase_grounding":
+            pix = []
+            for ph, (x1, y1, x2, y2) in zip(r["phrases"], r["boxes"]):
+                rec = self.source.records[ph["image_id"]]
+                pix.append([x1 * rec.width, y1 * rec.height, x2 * rec.width, y2 * rec.height])
+            path = S.write_grounding_predictions(out_dir / f"grounding_{split}.json",
+                                                 [ph["sentence_id"] for ph in r["phrases"]],
+                                                 [ph["phrase_index"] for ph in r["phrases"]],
+                                                 [ph["image_id"] for ph in r["phrases"]], pix)
         else:  # vcr: the chosen answer gets probability 1; no rationale model is trained here, so the
             # rationale columns (required by the leaderboard format) are uniform
             probs = torch.nn.functional.one_hot(torch.tensor(r["predictions"]), 4).float()

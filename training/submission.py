@@ -13,6 +13,10 @@ an interrupted write never leaves a partial file under the final name).
   rationale probabilities conditioned on it -- :func:`write_vcr_submission`.
 * RefCOCO(+/g): no public server; a JSON list ``[{"ref_id": id, "box": [x, y, w, h]}]``
   (COCO's box format, in pixels when the boxes are) -- :func:`write_refcoco_predictions`.
+* Phrase grounding (Flickr30k Entities-style; no public server): a JSON list
+  ``[{"sentence_id": id, "phrase_index": int, "image_id": id, "box": [x, y, w, h]}]``
+  -- one predicted box per phrase of a sentence (COCO's box format, in pixels when
+  the boxes are) -- :func:`write_grounding_predictions`.
 * Image-text retrieval: a JSON object ``{"text_to_image": {text_id: [image ids, best
   first]}, "image_to_text": {image_id: [text ids, best first]}}`` of the top-k lists --
   :func:`write_retrieval_rankings`.
@@ -158,6 +162,32 @@ def write_refcoco_predictions(path: PathLike, ref_ids: Sequence[Hashable], boxes
     return atomic_write_text(path, json.dumps(rows))
 
 
+def write_grounding_predictions(path: PathLike, sentence_ids: Sequence[Hashable], phrase_indices: Sequence[int],
+                                image_ids: Sequence[Hashable], boxes: Any) -> Path:
+    """Phrase grounding: ``[{"sentence_id", "phrase_index", "image_id", "box": [x, y, w,
+    h]}]`` from (N, 4) [x1, y1, x2, y2] boxes, one per phrase; (sentence_id,
+    phrase_index) pairs must be distinct."""
+    name = "write_grounding_predictions"
+    n = _same_len(name, sentence_ids=sentence_ids, phrase_indices=phrase_indices, image_ids=image_ids)
+    b = torch.as_tensor(boxes, dtype=torch.float64).detach().cpu() if len(sentence_ids) else torch.zeros(0, 4)
+    if tuple(b.shape) != (n, 4):
+        _fail(name, "boxes", f"shape ({n}, 4)", f"shape {tuple(b.shape)}")
+    if not bool(torch.isfinite(b).all()):
+        _fail(name, "boxes", "finite coordinates", "NaN/inf")
+    rows, seen = [], set()
+    for sid, k, iid, (x1, y1, x2, y2) in zip(sentence_ids, phrase_indices, image_ids, b.tolist()):
+        sid, iid = _json_id(sid), _json_id(iid)
+        if isinstance(k, Tensor):
+            k = k.item()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            _fail(name, "phrase_indices", "ints >= 0", repr(k))
+        if (sid, k) in seen:
+            _fail(name, "sentence_ids/phrase_indices", "distinct (sentence, phrase) pairs", f"{(sid, k)} twice")
+        seen.add((sid, k))
+        rows.append({"sentence_id": sid, "phrase_index": k, "image_id": iid, "box": [x1, y1, x2 - x1, y2 - y1]})
+    return atomic_write_text(path, json.dumps(rows))
+
+
 def write_retrieval_rankings(path: PathLike, scores: Any, text_ids: Sequence[Hashable],
                              image_ids: Sequence[Hashable], k: int = 10) -> Path:
     """Top-k rankings both ways from scores (n_text, n_image) (higher = better match)."""
@@ -182,4 +212,4 @@ def write_retrieval_rankings(path: PathLike, scores: Any, text_ids: Sequence[Has
 
 
 __all__ = ["atomic_write_text", "write_vqa_submission", "write_nlvr2_predictions", "write_vcr_submission",
-           "write_refcoco_predictions", "write_retrieval_rankings"]
+           "write_refcoco_predictions", "write_grounding_predictions", "write_retrieval_rankings"]

@@ -6,7 +6,7 @@ Rebuilds the run's job from ``DIR/config.yaml``, loads the checkpoint (``--check
 * fine-tuning runs: predicts ``--split`` (val by default; test works without labels),
   prints the metric (VQA score / accuracy) and writes the benchmark's submission
   file into ``--out`` (default ``DIR/predictions``): VQA JSON, NLVR2 CSV, VCR CSV,
-  RefCOCO+ boxes JSON;
+  RefCOCO+ boxes JSON, retrieval rankings JSON (R@1/5/10 printed), grounding boxes JSON;
 * pretraining runs: prints the validation loss of every task.
 
 The metrics are also written as ``--out/metrics_<split>.json``.
