@@ -10,8 +10,10 @@ through ``vlfast.ops.attention`` with a key mask) or packed (``packed`` given: t
 real tokens of the batch as (total, E) with ``cu_seqlens``, attention through
 ``vlfast.ops.varlen_attention``): both give the same outputs on real tokens.
 
-Embedding sums, LayerNorm and GELU are plain torch behind these module boundaries,
-so the fused ops replace them in one place.
+The embedding sum + LayerNorm + dropout (``ops.text_embeddings``), bias + GELU
+(``ops.bias_gelu``) and dropout + residual + LayerNorm (``ops.dropout_add_layer_norm``)
+run through the fused ops with the modules' own parameters, so state_dicts keep the
+HF names; on CPU (the reference backend) they are the same torch ops as before.
 """
 from __future__ import annotations
 
