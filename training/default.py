@@ -101,5 +101,10 @@ def run_default(out_dir: Path, *, quick: bool = False, seed: int = 0, overrides:
     say(f"  {'margin (pretrained - scratch)':34s} {res['margin']:+10.4f}")
     say(f"  pretraining MLM loss {res['pretrain_first_loss']:.4f} -> {res['pretrain_last_loss']:.4f}; "
         f"validation " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(pre.last_eval.items()) if k.startswith("loss")))
+    ev = pre.last_eval
+    if "mlm/image_gain" in ev:
+        # does pretraining ground words in regions?  MLM accuracy on the true images vs shuffled ones
+        say(f"  pretraining MLM accuracy {ev['mlm/acc']:.4f} with the true images, "
+            f"{ev['mlm/acc_shuffled_images']:.4f} with shuffled ones (image gain {ev['mlm/image_gain']:+.4f})")
     say(f"  wall time {res['seconds']:.0f} s (pretraining {t_pre:.0f} s); seed {seed}")
     return res

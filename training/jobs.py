@@ -514,21 +514,34 @@ class VLJob:
             yield [td.examples[i] for i in idx], batch
 
     def evaluate(self, model: nn.Module, split: str = "val") -> dict[str, float]:
-        """Validation metrics: pretraining -> mean loss (and metrics) per task;
-        fine-tuning -> the task's score (vqa_score, accuracy)."""
+        """Validation metrics: pretraining -> mean loss (and metrics) per task, and for
+        MLM the image probe ``mlm/acc_shuffled_images`` (the same masked texts on
+        other samples' images) and ``mlm/image_gain`` (``mlm/acc`` minus it: how much
+        the word predictions read the image); fine-tuning -> the task's score
+        (vqa_score, accuracy)."""
         device = next(model.parameters()).device
         if self.kind == "pretrain":
             out: dict[str, float] = {}
             for task in self.tasks:
                 tot, n, sums = 0.0, 0, {}
+                probe, same, pn = 0.0, 0.0, 0
                 for _, batch in self._eval_batches(task, split):
-                    res = model(batch.to(device), task)
+                    batch = batch.to(device)
+                    res = model(batch, task)
                     tot += float(res.loss) * batch.batch_size
                     n += batch.batch_size
                     for k, v in res.metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * batch.batch_size
+                    if task == "mlm" and "mlm/acc" in res.metrics and batch.batch_size > 1:
+                        # the same masked texts on other samples' images: how much MLM reads the image
+                        probe += float(model(batch.with_images_shuffled(), task).metrics["mlm/acc"]) * batch.batch_size
+                        same += float(res.metrics["mlm/acc"]) * batch.batch_size
+                        pn += batch.batch_size
                 out[f"loss/{task}"] = tot / max(n, 1)
                 out.update({k: v / max(n, 1) for k, v in sums.items()})
+                if pn:
+                    out["mlm/acc_shuffled_images"] = probe / pn
+                    out["mlm/image_gain"] = (same - probe) / pn
             out["loss"] = float(np.mean([out[f"loss/{t}"] for t in self.tasks]))
             return out
         preds = self.predict(model, split)

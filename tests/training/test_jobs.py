@@ -139,3 +139,38 @@ def test_real_feature_store_and_text_db(tmp_path, source):
     res = train(job, cfg, tmp_path / "real")
     assert math.isfinite(res.last_train["loss"])
     assert res.last_eval["loss/mlm"] > 0
+
+
+def test_mlm_image_probe_matches_hand_computation(source):
+    """Pretraining evaluation reports mlm/acc_shuffled_images (the same masked texts on
+    images rolled by one along the batch) and mlm/image_gain = mlm/acc minus it."""
+    cfg = load_config("default_pretrain", SMALL + ["tasks={mlm: 1.0}"])
+    torch.manual_seed(0)
+    job = VLJob(cfg, source)
+    model = job.model.eval()
+    with torch.no_grad():
+        got = job.evaluate(model, "val")
+        acc = shuf = 0.0
+        n = 0
+        for _, b in job._eval_batches("mlm", "val"):
+            r = b.with_images_shuffled()
+            assert torch.equal(r.visual_feats[1:], b.visual_feats[:-1])
+            assert torch.equal(r.visual_feats[0], b.visual_feats[-1])
+            assert torch.equal(r.visual_mask, b.visual_mask.roll(1, 0)) and r.input_ids is b.input_ids
+            acc += float(model(b, "mlm").metrics["mlm/acc"]) * b.batch_size
+            shuf += float(model(r, "mlm").metrics["mlm/acc"]) * b.batch_size
+            n += b.batch_size
+    assert got["mlm/acc"] == pytest.approx(acc / n, abs=1e-6)
+    assert got["mlm/acc_shuffled_images"] == pytest.approx(shuf / n, abs=1e-6)
+    assert got["mlm/image_gain"] == pytest.approx((acc - shuf) / n, abs=1e-6)
+
+
+def test_with_images_shuffled_rejects_bad_shift_and_region_targets(source):
+    cfg = load_config("default_pretrain", SMALL + ["tasks={mlm: 1.0, mrfr: 1.0}"])
+    job = VLJob(cfg, source)
+    b = next(iter(job._eval_batches("mlm", "val")))[1]
+    with pytest.raises(ValueError, match="shift.*multiple of the batch size"):
+        b.with_images_shuffled(b.batch_size)
+    m = next(iter(job._eval_batches("mrfr", "val")))[1]
+    with pytest.raises(ValueError, match="without masked regions"):
+        m.with_images_shuffled()

@@ -136,6 +136,31 @@ class VLBatch:
                      if f.name not in ("targets", "meta")},
             targets={k: mv(v) for k, v in self.targets.items()}, meta=dict(self.meta))
 
+    def with_images_shuffled(self, shift: int = 1) -> "VLBatch":
+        """The same texts paired with other samples' images: every image-side tensor
+        (``visual_feats`` (B,Lv,F), ``boxes``, ``visual_mask``, ``image_size``,
+        ``soft_labels`` and the region targets ``img_masks`` / ``masked_*`` are left
+        alone) is rolled by ``shift`` along the batch, so sample i sees the image of
+        sample i - shift.  Text, text targets and meta are shared.  A probe of how much
+        a model's text predictions use the image (see ``mlm/image_gain`` in
+        pretraining evaluation).  Needs B >= 2 and a shift that is not a multiple of
+        B, else ValueError."""
+        B = self.batch_size
+        if not isinstance(shift, int) or B < 2 or shift % B == 0:
+            raise ValueError(f"VLBatch.with_images_shuffled: shift: expected an int that is not a multiple "
+                             f"of the batch size {B} (and B >= 2), got {shift!r}")
+        img_targets = {"img_masks", "masked_feats", "masked_soft_labels"}
+        if img_targets & set(self.targets):
+            raise ValueError("VLBatch.with_images_shuffled: batch: expected a batch without masked regions "
+                             f"(a text task's), got targets {sorted(img_targets & set(self.targets))}")
+
+        def roll(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.roll(shift, 0)
+        return dataclasses.replace(self, visual_feats=roll(self.visual_feats), boxes=roll(self.boxes),
+                                   visual_mask=roll(self.visual_mask), image_size=roll(self.image_size),
+                                   soft_labels=roll(self.soft_labels), targets=dict(self.targets),
+                                   meta=dict(self.meta))
+
     def model_inputs(self, model: Any, **extra: Any) -> dict[str, Any]:
         """Keyword arguments of ``model``'s forward (any of the four models), with the
         model's box format; ``extra`` is merged in (e.g. padding_free=True)."""
