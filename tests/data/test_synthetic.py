@@ -381,6 +381,162 @@ def test_multiple_choice_has_one_right_answer(small):
     assert collections.Counter(e["label"] for e in exs).keys() == {0, 1, 2, 3}
 
 
+def _rationale(o: "Oracle", sc, text: str) -> tuple[dict, tuple, dict]:
+    """Parse "the <np> is <relation> the <np>" / "the <np> is nearest to the <np>" ->
+    (subject spec, relation (a key of Oracle.REL, or ("nearest", "to")), anchor spec)."""
+    w = text.split()
+    assert w[0] == "the", text
+    subj, k = o.parse_np(w, 1, False)
+    assert w[k] == "is", text
+    rel = next((r for r in list(o.REL) + [("nearest", "to")] if tuple(w[k + 1:k + 1 + len(r)]) == r), None)
+    assert rel is not None and w[k + 1 + len(rel)] == "the", text
+    anchor, end = o.parse_np(w, k + 2 + len(rel), False)
+    assert end == len(w), text
+    return subj, rel, anchor
+
+
+def _verdict(o: "Oracle", sc, x: int, y: int, rel: tuple):
+    """"object x is <rel> object y" on the scene's centres: True (clearly holds), False
+    (clearly fails) or None (a near tie)."""
+    if rel == ("nearest", "to"):
+        dist = lambda a: math.hypot(sc.cx[a] - sc.cx[y], sc.cy[a] - sc.cy[y])  # noqa: E731
+        rest = [dist(z) for z in range(sc.n_objects) if z not in (x, y)]
+        return True if all(r - dist(x) >= o.m for r in rest) else False if any(dist(x) - r >= o.m for r in rest) \
+            else None
+    d = o.d(sc, x, y, rel)
+    return True if d > o.m else False if d < 0 else None
+
+
+def _verdicts(o: "Oracle", sc, subj: dict, rel: tuple, anchor: dict) -> list:
+    """The verdict of every pair (x, y) of distinct objects matching subj and anchor."""
+    return [_verdict(o, sc, x, y, rel) for x in o.match(sc, subj) for y in o.match(sc, anchor) if x != y]
+
+
+def _mc_question(o: "Oracle", sc, e: dict) -> tuple[tuple, dict, int, dict]:
+    """(relation, the question's spec of its object, that object, the right answer's spec)."""
+    q = e["question"].split()
+    if q[3] == "nearest":
+        rel, k = ("nearest", "to"), 6
+    else:
+        rel = next(r for r in o.REL if tuple(q[3:3 + len(r)]) == r)
+        k = 4 + len(rel)
+    a, _ = o.the(sc, q, k, allow_rel=False)
+    return rel, o.parse_np(q, k, False)[0], a, o.parse_np(e["choices"][e["label"]].split(), 1, False)[0]
+
+
+def test_mc_rationales_are_true_and_justify_the_answer(small):
+    """The right rationale is true of the scene and states the asked relation (or
+    "nearest to") between the right answer's object and the question's object; each
+    wrong one is different and either clearly false for the scene, or (clearly true or
+    false) about another object than the question's -- it justifies nothing."""
+    w, o = small, Oracle(small)
+    kinds = collections.Counter()
+    for e in w.multiple_choice():
+        sc = w.scene(e["img_id"])
+        rs, lab = e["rationale_choices"], e["rationale_label"]
+        assert isinstance(rs, list) and len(rs) == 4 and len(set(rs)) == 4, e
+        assert isinstance(lab, int) and 0 <= lab < 4
+        qrel, _, a, answer = _mc_question(o, sc, e)
+        subj, rel, anchor = _rationale(o, sc, rs[lab])
+        assert rel == qrel, (e["question"], rs[lab])
+        assert o.match(sc, anchor) == [a], (e["question"], rs[lab])  # the question's object
+        # the subject is the answer's object: its words agree with the right choice's, and
+        # an object both name is clearly in the relation (true of the scene)
+        assert all(answer[k] == subj[k] for k in ("size", "colour", "shape") if k in subj), (rs[lab], e)
+        both = dict(subj, **{k: answer[k] for k in ("size", "colour", "shape") if k in answer})
+        assert True in _verdicts(o, sc, both, rel, anchor), e
+        b = next(x for x in o.match(sc, both) if x != a and _verdict(o, sc, x, a, rel) is True)
+        for k, r in enumerate(rs):
+            if k == lab:
+                continue
+            s2, rel2, a2 = _rationale(o, sc, r)
+            v = _verdicts(o, sc, s2, rel2, a2)
+            if all(x is False for x in v):  # false for the scene
+                kinds["reversed" if rel2 != rel else "swapped" if o.match(sc, s2) == [a]
+                      else "other anchor" if b in o.match(sc, s2) else "other subject"] += 1
+            else:  # the answer's object against another object: true, but no justification
+                assert rel2 == rel and b in o.match(sc, s2) and len(o.match(sc, a2)) == 1, (r, e)
+                assert o.match(sc, a2) != [a] and None not in v, (r, v, e)
+                kinds["true, other anchor"] += 1
+    assert set(kinds) == {"reversed", "swapped", "other anchor", "other subject", "true, other anchor"}, kinds
+    assert min(kinds.values()) > 20, kinds
+
+
+def test_mc_rationales_need_the_image(big):
+    """A text reader that keeps the rationales whose relation is the question's and
+    whose words agree with the answer's and the question's object (and picks one of
+    them at random) is right about 60% of the time (VCR's text-only BERT: ~65% QA->R);
+    the scene picks the right one every time (test above)."""
+    w, _ = big
+    o = Oracle(w)
+    rnd = np.random.default_rng(0)
+
+    def agree(spec: dict, other: dict) -> bool:
+        return all(spec[k] == other[k] for k in ("size", "colour", "shape") if k in spec and k in other)
+
+    hits = []
+    for e in w.multiple_choice():
+        sc = w.scene(e["img_id"])
+        qrel, qspec, _, answer = _mc_question(o, sc, e)
+        keep = []
+        for k, r in enumerate(e["rationale_choices"]):
+            s2, rel2, a2 = _rationale(o, sc, r)
+            if rel2 == qrel and agree(s2, answer) and agree(a2, qspec):
+                keep.append(k)
+        assert e["rationale_label"] in keep
+        hits.append(rnd.choice(keep) == e["rationale_label"])
+    assert 0.4 < np.mean(hits) < 0.7, np.mean(hits)
+
+
+def test_mc_rationale_labels_uniform_and_deterministic(big, small):
+    w, _ = big
+    counts = collections.Counter(e["rationale_label"] for e in w.multiple_choice())
+    assert sorted(counts) == [0, 1, 2, 3]
+    assert all(0.22 < c / 4000 < 0.28 for c in counts.values()), counts
+    # the same world again (built in another order) and a smaller world of the same seed
+    again = SyntheticWorld(seed=1, n_images=150, feat_dim=64)
+    again.refexp()
+    assert again.multiple_choice() == small.multiple_choice()
+    part = SyntheticWorld(seed=1, n_images=20, feat_dim=8).multiple_choice()
+    assert part == [e for e in small.multiple_choice() if e["img_id"] in {p["img_id"] for p in part}]
+    other = SyntheticWorld(seed=2, n_images=150, feat_dim=64).multiple_choice()
+    assert [e["rationale_choices"] for e in other] != [e["rationale_choices"] for e in small.multiple_choice()]
+
+
+# What the generator produced before mc items had rationales (computed with the code of
+# commit 51ba94c): the rationales come from their own random stream, so every other
+# field and task is unchanged.
+_OLD_MC_FIELDS = ("annot_id", "img_id", "question", "choices", "label", "question_type")
+_OLD_SHA256 = {"mc": "58c0d01f9be946f804cbb4e41a9957d6229ea0adfe6c5fb81f1ee3ce2287f49d",
+               "captions": "1ffd3d51ae5aea76384f5aa8ef92c9bf791e03210de28ca859eb090e1175b9fa",
+               "alignment": "4372abcbca0d7883b0f860b0cfb1fec9b98410c2964c520a5ee806a1e4bebe0f",
+               "vqa": "4a2ae42c84b20e2ae3e6b3ad31db805f3cdedc5930fe2bc7f57b3c1b4387514c",
+               "nlvr2": "57ae9bc571b4e6168eeddb2934383c470042ccf7ad9c3c0a8bbf4d6d5d07242f",
+               "refexp": "c1425eb7000a4d0da045fe1bc2af94f0d132f9a6c41678ed897f896fde34290e"}
+_OLD_MC_FIRST = [
+    ("img000000-mc0", "which object is nearest to the large black cylinder ?",
+     ["a small yellow cylinder", "a large blue sphere", "a large black cone", "a small black star"], 2),
+    ("img000000-mc1", "which object is nearest to the black star ?",
+     ["a large black cylinder", "a medium white ring", "a medium green cylinder", "a small black cube"], 1),
+    ("img000001-mc0", "which object is nearest to the small purple cone ?",
+     ["a small white star", "a medium red cone", "a small black ring", "a large yellow sphere"], 1)]
+
+
+def test_mc_rationales_leave_every_other_field_unchanged(small):
+    import hashlib
+    import json
+
+    def sha(x) -> str:
+        return hashlib.sha256(json.dumps(x, sort_keys=True, default=list).encode()).hexdigest()
+
+    mc = small.multiple_choice()
+    assert [(e["annot_id"], e["question"], e["choices"], e["label"]) for e in mc[:3]] == _OLD_MC_FIRST
+    assert sha([{k: e[k] for k in _OLD_MC_FIELDS} for e in mc]) == _OLD_SHA256["mc"]
+    for task in ("captions", "alignment", "vqa", "nlvr2", "refexp"):
+        assert sha(small.examples(task)) == _OLD_SHA256[task], task
+    assert all(set(e) == set(_OLD_MC_FIELDS) | {"rationale_choices", "rationale_label"} for e in mc)
+
+
 def test_nlvr2_labels_are_the_scenes(small):
     w, o = small, Oracle(small)
     exs = w.nlvr2()
@@ -449,7 +605,7 @@ def test_lexicon_covers_every_text(small):
     lex = set(small.lexicon)
     texts = ([e["text"] for e in small.captions()] + [e["question"] for e in small.vqa()]
              + [e["statement"] for e in small.nlvr2()] + [e["text"] for e in small.refexp()]
-             + [c for e in small.multiple_choice() for c in [e["question"]] + e["choices"]]
+             + [c for e in small.multiple_choice() for c in [e["question"]] + e["choices"] + e["rationale_choices"]]
              + small.answer_vocab)
     used = {t for s in texts for t in s.split()}
     assert used <= lex

@@ -44,7 +44,19 @@ changing one.  Counts per image below are the defaults (constructor arguments).
 * ``refexp``: ``{"ref_id": int, "img_id", "text", "target_region": int}`` -- the
   expression names exactly one object; ``target_region`` indexes the ImageRecord.
 * ``mc`` (VCR-style): ``{"annot_id": str, "img_id", "question", "choices": 4 strings,
-  "label": int, "question_type": "relation" | "nearest"}``.
+  "label": int, "question_type": "relation" | "nearest", "rationale_choices": 4 strings,
+  "rationale_label": int}``.  The rationales serve VCR's QA->R (the rationale given the
+  right answer) and Q->AR: each is a statement "the <A> is <relation> the <B>" (or "the
+  <A> is nearest to the <B>"), objects named by attributes (a form that singles the
+  object out where one exists).  The right one is true of the scene and justifies the
+  right answer (the answer object in the asked relation to the question's object, or
+  nearest to it); the three wrong ones do not: the answer object against another
+  object named in words that agree with the question's (true or false; only the image
+  tells it is another object), or a statement false for the scene by the margin (the
+  relation reversed, subject and object swapped, a wrong choice's object in the
+  relation).  Rationales come from their own seeded stream (per ``annot_id``), so the
+  other fields are those of a world without them; ``rationale_label`` is uniform over
+  0..3.
 * ``world.retrieval(split)``: ``{"img_ids": list, "txt_ids": list, "txt2img": {txt_id:
   img_id}, "img2txts": {img_id: [txt_id, ...]}, "texts": {txt_id: text}}``.
 
@@ -97,6 +109,11 @@ _TEMPLATE_WORDS = (
     "below how many what colour shape size which nearest to exactly both contain contains "
     "more than")
 _BACKGROUND, _WHOLE = -2, -1
+# a relation and its reverse (mc rationales: "the relation reversed")
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+_NEAREST = "nearest to"
+# a description: (attribute form, attribute values) -- words by SyntheticWorld._np
+_Desc = tuple[tuple[str, ...], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -797,7 +814,7 @@ class SyntheticWorld:
             q = self._mc_relation(sc, r) if r.random() < 0.6 else self._mc_nearest(sc, r)
             if q is None or q[0] in seen:
                 continue
-            question, correct, banned, ref_form, ref_vals, qtype = q
+            question, correct, banned, ref_form, ref_vals, qtype, ref, rel = q
             seen.add(question)
             correct_t = self._triple(sc, correct)
             in_image = {self._triple(sc, k) for k in range(sc.n_objects)}
@@ -828,10 +845,134 @@ class SyntheticWorld:
             for t in triples:
                 w = self._np(("size", "colour", "shape"), {"size": t[0], "colour": t[1], "shape": t[2]})
                 choices.append(" ".join([_article(w[0])] + w))
-            out.append({"annot_id": f"{sc.img_id}-mc{len(out)}", "img_id": sc.img_id,
+            annot_id = f"{sc.img_id}-mc{len(out)}"
+            rationales, r_label = self._mc_rationales(sc, annot_id, ref, (ref_form, ref_vals), correct,
+                                                      rel, distract)
+            out.append({"annot_id": annot_id, "img_id": sc.img_id,
                         "question": question, "choices": choices, "label": label,
-                        "question_type": qtype})
+                        "question_type": qtype, "rationale_choices": rationales,
+                        "rationale_label": r_label})
         return out
+
+    # -- rationales (their own random stream: the fields above never depend on them)
+    def _mc_rationales(self, sc: Scene, annot_id: str, ref: int, ref_desc: _Desc, correct: int, rel: str,
+                       distract: list[tuple[int, int, int]]) -> tuple[list[str], int]:
+        """(4 rationale strings, the right one's index) of one mc item: object ``correct``
+        (the right answer) is ``rel`` (a relation, or "nearest to") object ``ref``, which
+        the question names by ``ref_desc``; ``distract`` are the wrong choices' (size,
+        colour, shape) triples.  Drawn from the item's own stream
+        ``Random("vlfast.synthetic/<seed>/mc_rationale/<annot_id>")``.
+
+        The right rationale names ``ref`` by another form than the question's where it
+        has one.  Up to two wrong ones put the answer in the relation to another object,
+        named by a form whose words agree with the question's (only the image tells that
+        it is not the question's object; the statement may be true or false, it does not
+        justify the answer); the others are clearly false, one kind at a time from the
+        kinds a text reader can rule out: the relation reversed, subject and object
+        swapped, a wrong choice's object in the relation."""
+        r = random.Random(f"vlfast.synthetic/{self.seed}/mc_rationale/{annot_id}")
+        forms: dict[int, list[tuple[str, ...]]] = {}  # object -> the forms that single it out
+
+        def unique_forms(i: int) -> list[tuple[str, ...]]:
+            if i not in forms:  # as _plain_forms(sc, i): no other object shares the form's values
+                shared = [frozenset(a for a in _ATTRS if sc.attr(k, a) == sc.attr(i, a))
+                          for k in range(sc.n_objects) if k != i]
+                forms[i] = [f for f in _FORMS if not any(sh.issuperset(f) for sh in shared)]
+            return forms[i]
+
+        def name(i: int, allowed: Optional[list[tuple[str, ...]]] = None) -> _Desc:
+            """Object i by a random form among ``allowed`` (default: every form that singles
+            it out), or by its full (size, colour, shape) when there is none."""
+            fs = unique_forms(i) if allowed is None else allowed
+            return (r.choice(fs) if fs else _ATTRS), self._vals(sc, i)
+
+        def name_triple(t: tuple[int, int, int]) -> _Desc:
+            """The objects with (size, colour, shape) t: the one object's description when
+            exactly one has it, else the full triple."""
+            vals = {"size": t[0], "colour": t[1], "shape": t[2]}
+            M = self._matching(sc, _ATTRS, vals)
+            return name(M[0]) if len(M) == 1 else (_ATTRS, vals)
+
+        qform, qvals = ref_desc
+        ref_forms = [f for f in unique_forms(ref) if f != tuple(qform)] or unique_forms(ref)
+        right = (name(correct), rel, name(ref, ref_forms))
+        if self._fact(sc, right[0], rel, right[2]) is not True:
+            raise RuntimeError(f"SyntheticWorld: {annot_id}: the right rationale "
+                               f"{self._fact_text(*right)!r} is not clearly true of the scene")
+        seen = {self._fact_text(*right)}
+        wrong: list[str] = []
+
+        def take(cand: tuple[_Desc, str, _Desc], true_ok: bool = False) -> bool:
+            """Keep a candidate that is new and clearly false for the scene (or, with
+            ``true_ok``, clearly true: a fact about another object justifies nothing)."""
+            text = self._fact_text(*cand)
+            fact = self._fact(sc, *cand)
+            if text in seen or fact is None or (fact and not true_ok):
+                return False
+            seen.add(text)
+            wrong.append(text)
+            return True
+
+        # the answer against another object, named in words that agree with the question's
+        others = [k for k in range(sc.n_objects) if k not in (ref, correct)]
+        r.shuffle(others)
+        hidden = []
+        for k in others:
+            agree = [f for f in unique_forms(k)
+                     if all(sc.attr(k, a) == qvals[a] for a in f if a in qform)]
+            if agree:
+                hidden.append((k, agree))
+        for k, agree in hidden:
+            if len(wrong) == 2:
+                break
+            take((name(correct), rel, name(k, agree)), true_ok=True)
+        # the kinds a text reader can rule out, one of each kind in turn (in random order)
+        kinds: list[list[tuple[Any, str, int]]] = [[(t, rel, ref) for t in distract], [(ref, rel, correct)]]
+        if rel in _OPPOSITE:
+            kinds.append([(correct, _OPPOSITE[rel], ref)])
+        r.shuffle(kinds)
+        while len(wrong) < 3 and any(kinds):
+            for g in kinds:
+                while g and len(wrong) < 3:
+                    a, rl, b = g.pop(0)
+                    if take((name_triple(a) if isinstance(a, tuple) else name(a), rl, name(b))):
+                        break
+        if len(wrong) < 3:  # cannot happen: every wrong choice's object is clearly not the answer
+            raise RuntimeError(f"SyntheticWorld: {annot_id}: found {len(wrong)} false rationales, need 3")
+        r.shuffle(wrong)
+        label = r.randrange(4)
+        return wrong[:label] + [self._fact_text(*right)] + wrong[label:], label
+
+    def _fact_text(self, subj: _Desc, rel: str, anchor: _Desc) -> str:
+        """"the <subj> is <rel> the <anchor>"."""
+        return " ".join(["the"] + self._np(*subj) + ["is"] + rel.split() + ["the"] + self._np(*anchor))
+
+    def _fact(self, sc: Scene, subj: _Desc, rel: str, anchor: _Desc) -> Optional[bool]:
+        """Truth of "the <subj> is <rel> the <anchor>" on the scene: True when some pair
+        (x, y) of distinct objects matching the descriptions clearly holds (a relation:
+        x lies more than the margin beyond y; "nearest to": every other object is at
+        least the margin further from y than x), False when every pair clearly fails (x
+        lies on the other side of y; another object is at least the margin nearer to
+        y), None otherwise (a near tie)."""
+        m = self.relation_margin
+        pairs = [(x, y) for x in self._matching(sc, subj[0], subj[1])
+                 for y in self._matching(sc, anchor[0], anchor[1]) if x != y]
+        verdicts = []
+        for x, y in pairs:
+            if rel == _NEAREST:
+                d = math.hypot(sc.cx[x] - sc.cx[y], sc.cy[x] - sc.cy[y])
+                rest = [math.hypot(sc.cx[z] - sc.cx[y], sc.cy[z] - sc.cy[y])
+                        for z in range(sc.n_objects) if z not in (x, y)]
+                verdicts.append(True if all(o - d >= m for o in rest)
+                                else False if any(d - o >= m for o in rest) else None)
+            else:
+                t = _towards(sc, x, y, rel)
+                verdicts.append(True if t > m else False if t < 0 else None)
+        if any(v is True for v in verdicts):
+            return True
+        if all(v is False for v in verdicts):
+            return False
+        return None
 
     @staticmethod
     def _triple(sc: Scene, i: int) -> tuple[int, int, int]:
@@ -859,7 +1000,7 @@ class SyntheticWorld:
         # triples of every object that is (or nearly is) in the relation can't be distractors
         banned = {self._triple(sc, k) for k in range(sc.n_objects) if k != i and _towards(sc, k, i, rl) >= 0}
         q = " ".join(["which", "object", "is"] + rl.split() + ["the"] + self._np(f, v) + ["?"])
-        return q, correct, banned, f, v, "relation"
+        return q, correct, banned, f, v, "relation", i, rl
 
     def _mc_nearest(self, sc: Scene, r: random.Random):
         ref = self._mc_ref(sc, r)
@@ -872,7 +1013,7 @@ class SyntheticWorld:
             return None
         correct = dist[0][1]
         q = " ".join(["which", "object", "is", "nearest", "to", "the"] + self._np(f, v) + ["?"])
-        return q, correct, set(), f, v, "nearest"
+        return q, correct, set(), f, v, "nearest", i, _NEAREST
 
     # ------------------------------------------------------------------ NLVR2
     def _nlvr2_split(self, split: str) -> list[dict[str, Any]]:
