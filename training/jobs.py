@@ -27,6 +27,14 @@ Task options, also under ``data.options`` (taken out before the source sees them
   UNITER's hard-negative training) out of the drawn ones;
 * ``grounding_iou``: the IoU from which a region counts as showing a phrase (targets).
 
+VCR trains on its two sub-tasks mixed, as UNITER does: each item (a question, 4
+answers, 4 rationales) gives a Q->A sample (question + answer choice rows) and a QA->R
+sample (question + the right answer as the text, rationale choice rows), shuffled
+together (:func:`vlfast.data.collate.vcr_samples`).  Evaluation scores Q->A and QA->R
+given every answer j, and reports ``accuracy`` (= ``q2a``), ``q2a``, ``qa2r`` (the
+rationale given the right answer) and ``q2ar`` (both right); the submission CSV holds
+the answer probabilities and, per answer j, the rationale probabilities given j.
+
 Image-text retrieval is evaluated UNITER's way: every text of the split against every
 image of the split (one ITM score per pair), R@1/5/10 both ways
 (:func:`vlfast.training.metrics.retrieval_recall`; ``r_mean`` is their mean).  Phrase
@@ -59,7 +67,7 @@ import torch
 from torch import nn
 
 from vlfast.data.batch import ImageRecord, VLBatch
-from vlfast.data.collate import Collator, collate_retrieval
+from vlfast.data.collate import Collator, collate_retrieval, vcr_samples
 from vlfast.data.sampler import TokenBucketSampler
 from vlfast.data.tokenization import VLTokenizer
 
@@ -153,8 +161,10 @@ class SyntheticSource(DataSource):
             out = []
             for e in w.multiple_choice(split):
                 choices = [tok.encode(c, L)[1:-1] or [tok.unk_id] for c in e["choices"]]
+                rationales = [tok.encode(c, L)[1:-1] or [tok.unk_id] for c in e["rationale_choices"]]
                 out.append({"id": e["annot_id"], "input_ids": tok.encode(e["question"], L), "img_id": e["img_id"],
-                            "choices": choices, "label": int(e["label"])})
+                            "choices": choices, "label": int(e["label"]), "rationale_choices": rationales,
+                            "rationale_label": int(e["rationale_label"])})
             return out
         if task == "refcoco":
             return [{"id": e["ref_id"], "input_ids": tok.encode(e["text"], L), "img_id": e["img_id"],
@@ -429,6 +439,9 @@ class VLJob:
                 ex = self._one_phrase_examples(ex)
             if not ex:
                 _fail(f"data ({split} split)", f"examples for task {task!r}", "none")
+            if task == "vcr":  # items -> Q->A and QA->R samples (QA->R given every answer in evaluation)
+                ex = vcr_samples(ex, sep_id=self.source.tokenizer.sep_id,
+                                 mode="train" if split == "train" else "eval")
             seed = _task_seed(self.cfg.seed, task) + (0 if split == "train" else 1)
             lens = [len(e["input_ids"]) + self.source.records.num_boxes(e["img_id"])
                     if hasattr(self.source.records, "num_boxes") and "img_id" in e else len(e["input_ids"])
@@ -518,7 +531,7 @@ class VLJob:
         MLM the image probe ``mlm/acc_shuffled_images`` (the same masked texts on
         other samples' images) and ``mlm/image_gain`` (``mlm/acc`` minus it: how much
         the word predictions read the image); fine-tuning -> the task's score
-        (vqa_score, accuracy)."""
+        (vqa_score, accuracy; VCR also q2a, qa2r, q2ar)."""
         device = next(model.parameters()).device
         if self.kind == "pretrain":
             out: dict[str, float] = {}
@@ -552,12 +565,15 @@ class VLJob:
         (answers / labels / region indices), "metrics" (when the split has labels)}.
         Retrieval adds "scores" (n_text, n_image), "text_ids", "image_ids"; phrase
         grounding gives one prediction per phrase with "phrases" (sentence id, phrase
-        index, image id) and "boxes" (the predicted boxes, normalised xyxy)."""
+        index, image id) and "boxes" (the predicted boxes, normalised xyxy); VCR adds
+        "answer_probs", "rationale_probs" and "rationale_predictions" (:meth:`_predict_vcr`)."""
         task = self.tasks[0]
         if task == "retrieval":
             return self._predict_retrieval(model, split)
         if task == "phrase_grounding":
             return self._predict_grounding(model, split)
+        if task == "vcr":
+            return self._predict_vcr(model, split)
         device = next(model.parameters()).device
         ids: list[Any] = []
         preds: list[Any] = []
@@ -571,9 +587,6 @@ class VLJob:
             elif task == "nlvr2":
                 preds += [bool(p) for p in out.predictions.tolist()]
                 gold += [e.get("label") for e in ex]
-            elif task == "vcr":
-                preds += out.predictions.tolist()
-                gold += [e.get("label") for e in ex]
             elif task == "refcoco":
                 preds += out.predictions.tolist()
                 gold += [e.get("target_region") for e in ex]
@@ -584,6 +597,48 @@ class VLJob:
             else:
                 p = [int(x) for x in preds]
                 result["metrics"] = {"accuracy": M.accuracy(p, [int(g) for g in gold])}
+        return result
+
+    def _predict_vcr(self, model: nn.Module, split: str) -> dict[str, Any]:
+        """VCR: every item's Q->A sample and its QA->R samples given each answer j (see
+        :func:`vlfast.data.collate.vcr_samples`) -> per item (N of them, K = 4 choices):
+        "answer_probs" (N, K) softmax of the head's choice logits, "rationale_probs"
+        (N, K, K) [n, j] = softmax over the rationales given answer j, "predictions" (the
+        answer argmax), "rationale_predictions" (the rationale argmax given the predicted
+        answer: the Q->AR output); with labels, metrics accuracy (= q2a), q2a, qa2r (the
+        rationale argmax given the right answer) and q2ar (both right),
+        :func:`vlfast.training.metrics.vcr_accuracy`."""
+        device = next(model.parameters()).device
+        td = self._task_data("vcr", split)
+        n_items = td.examples[-1]["item"] + 1
+        K = len(td.examples[0]["choices"])
+        ids: list[Any] = [None] * n_items
+        gold_a: list[Optional[int]] = [None] * n_items
+        gold_r: list[Optional[int]] = [None] * n_items
+        answer = torch.full((n_items, K), float("nan"))
+        rationale = torch.full((n_items, K, K), float("nan"))
+        for ex, batch in self._eval_batches("vcr", split):
+            with torch.no_grad():
+                probs = torch.softmax(model(batch.to(device)).logits.float(), -1).cpu()  # (samples, K)
+            for e, p in zip(ex, probs):
+                n = e["item"]
+                if e["vcr"] == "q2a":
+                    answer[n] = p
+                    ids[n] = e["item_id"]
+                    gold_a[n] = e.get("label")
+                else:
+                    rationale[n, e["answer"]] = p
+                    gold_r[n] = e.get("label")
+        if bool(answer.isnan().any()) or bool(rationale.isnan().any()):
+            _fail(f"vcr evaluation ({split} split)", "a Q->A sample and K QA->R samples per item", "missing samples")
+        pred = answer.argmax(-1)
+        r_pred = rationale[torch.arange(n_items), pred].argmax(-1)
+        result: dict[str, Any] = {"ids": ids, "predictions": pred.tolist(), "rationale_predictions": r_pred.tolist(),
+                                  "answer_probs": answer, "rationale_probs": rationale, "metrics": {}}
+        if all(g is not None for g in gold_a) and all(g is not None for g in gold_r):
+            r_given_gold = rationale[torch.arange(n_items), torch.tensor(gold_a)].argmax(-1)
+            m = M.vcr_accuracy(pred, torch.tensor(gold_a), r_given_gold, torch.tensor(gold_r))
+            result["metrics"] = {"accuracy": m["q2a"], **m}
         return result
 
     def retrieval_scores(self, model: nn.Module, split: str) -> tuple[torch.Tensor, list[Any], list[Any], list[int]]:
@@ -678,11 +733,9 @@ class VLJob:
                                                  [ph["sentence_id"] for ph in r["phrases"]],
                                                  [ph["phrase_index"] for ph in r["phrases"]],
                                                  [ph["image_id"] for ph in r["phrases"]], pix)
-        else:  # vcr: the chosen answer gets probability 1; no rationale model is trained here, so the
-            # rationale columns (required by the leaderboard format) are uniform
-            probs = torch.nn.functional.one_hot(torch.tensor(r["predictions"]), 4).float()
-            rationale = torch.full((len(r["ids"]), 4, 4), 0.25)
-            path = S.write_vcr_submission(out_dir / f"vcr_{split}.csv", r["ids"], probs, rationale)
+        else:  # vcr: the answer probabilities and, for each answer j, the rationale probabilities given j
+            path = S.write_vcr_submission(out_dir / f"vcr_{split}.csv", r["ids"], r["answer_probs"],
+                                          r["rationale_probs"])
         return path, r["metrics"]
 
     # -- state ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ from vlfast.data import masking
 from vlfast.data.batch import ImageRecord, VLBatch
 from vlfast.data.collate import (collate_mc, collate_nlvr2, collate_pretrain, collate_ref,
                                  collate_retrieval, collate_vqa, joint_packed_index, make_collator, pack_offsets,
-                                 packed_index, vqa_answer_score)
+                                 packed_index, vcr_samples, vqa_answer_score)
 from vlfast.data.masking import box_iou, mask_regions, mask_regions_batch, mask_text, mask_text_batch
 
 BACKENDS = ["numpy"] + (["numba"] if masking.HAVE_NUMBA else [])
@@ -406,6 +406,48 @@ def test_collate_mc():
     assert batch.targets["mc_labels"].tolist() == [2, 0]
     with pytest.raises(ValueError, match="expected 3 choices \\(as samples\\[0\\]\\), got 2"):
         collate_mc([s0, dict(s1, choices=[[1], [2]])], RECORDS)
+
+
+def test_vcr_samples_q2a_and_qa2r():
+    item = {"id": "v-0", "input_ids": [CLS, 10, 11, SEP], "img_id": "a", "choices": [[20], [21, 22], [23]],
+            "label": 1, "rationale_choices": [[30, 31], [32], [33]], "rationale_label": 2}
+    tr = vcr_samples([item], sep_id=SEP, mode="train")
+    assert [s["id"] for s in tr] == ["v-0/q2a", "v-0/qa2r/1"]
+    assert [s["vcr"] for s in tr] == ["q2a", "qa2r"] and [s["answer"] for s in tr] == [None, 1]
+    assert tr[0]["input_ids"] == [CLS, 10, 11, SEP] and tr[0]["choices"] == item["choices"] and tr[0]["label"] == 1
+    # QA->R: the right answer joins the question's segment; the rationales are the choices
+    assert tr[1]["input_ids"] == [CLS, 10, 11, SEP, 21, 22, SEP]
+    assert tr[1]["choices"] == item["rationale_choices"] and tr[1]["label"] == 2
+    assert all(s["img_id"] == "a" and s["item"] == 0 and s["item_id"] == "v-0" for s in tr)
+    batch = collate_mc(tr, RECORDS, sep_id=SEP)
+    rows = [[CLS, 10, 11, SEP, 20, SEP], [CLS, 10, 11, SEP, 21, 22, SEP], [CLS, 10, 11, SEP, 23, SEP],
+            [CLS, 10, 11, SEP, 21, 22, SEP, 30, 31, SEP], [CLS, 10, 11, SEP, 21, 22, SEP, 32, SEP],
+            [CLS, 10, 11, SEP, 21, 22, SEP, 33, SEP]]
+    types = [[0] * 4 + [1] * 2, [0] * 4 + [1] * 3, [0] * 4 + [1] * 2, [0] * 7 + [1] * 3, [0] * 7 + [1] * 2,
+             [0] * 7 + [1] * 2]
+    _check_common(batch, rows, types, ["a"] * 6)
+    assert batch.targets["mc_labels"].tolist() == [1, 2]
+    # evaluation: QA->R given every answer (the labels are the right rationale's throughout)
+    ev = vcr_samples([item, dict(item, id="v-1", img_id="b")], sep_id=SEP, mode="eval")
+    assert [s["id"] for s in ev] == ["v-0/q2a", "v-0/qa2r/0", "v-0/qa2r/1", "v-0/qa2r/2",
+                                     "v-1/q2a", "v-1/qa2r/0", "v-1/qa2r/1", "v-1/qa2r/2"]
+    assert [s["input_ids"][4:] for s in ev[1:4]] == [[20, SEP], [21, 22, SEP], [23, SEP]]
+    assert [s["label"] for s in ev[1:4]] == [2, 2, 2] and ev[4]["item"] == 1
+    # unlabelled items (a test split): evaluation samples without labels; training refuses
+    bare = {k: v for k, v in item.items() if k not in ("label", "rationale_label")}
+    assert all("label" not in s for s in vcr_samples([bare], sep_id=SEP, mode="eval"))
+    with pytest.raises(ValueError, match="mode 'train' needs 'label' and 'rationale_label'"):
+        vcr_samples([bare], sep_id=SEP, mode="train")
+    with pytest.raises(ValueError, match="mode: expected one of \\('train', 'eval'\\), got 'test'"):
+        vcr_samples([item], sep_id=SEP, mode="test")
+    with pytest.raises(ValueError, match="sep_id: expected a token id"):
+        vcr_samples([item], sep_id=None, mode="eval")
+    with pytest.raises(KeyError, match="missing field 'rationale_choices'"):
+        vcr_samples([{k: v for k, v in item.items() if k != "rationale_choices"}], sep_id=SEP, mode="eval")
+    with pytest.raises(ValueError, match="expected K >= 2 answers and K rationales, got 3 answers and 2"):
+        vcr_samples([dict(item, rationale_choices=[[30], [31]])], sep_id=SEP, mode="eval")
+    with pytest.raises(ValueError, match="rationale_label'\\]: expected an int in \\[0, 3\\), got 3"):
+        vcr_samples([dict(item, rationale_label=3)], sep_id=SEP, mode="train")
 
 
 def test_collate_ref():

@@ -18,6 +18,8 @@ Task-specific fields::
                min(1, 0.3 x count): 0, .3, .6, .9, 1) or "answer_scores": {answer: score}
     nlvr2      "img_ids": [left, right] (instead of "img_id"), "label": 0/1
     mc         "choices": list[list[int]] (K answer token ids each), "label": int
+               (VCR items -- a question with answers and rationales -- become Q->A and
+               QA->R samples of this form by :func:`vcr_samples`)
     ref        "target_region": int (index of the referred region)
     nlvr2      (layout "triplet": the same fields; both images share one row)
     retrieval  "neg_img_ids": list[str] (optional: explicit, e.g. hard, negatives),
@@ -77,8 +79,9 @@ from vlfast.data.batch import ImageRecord, VLBatch
 from vlfast.data.masking import (IGNORE_INDEX, _njit, _use_numba, mask_regions_batch, mask_text_batch)
 
 __all__ = ["PRETRAIN_TASKS", "FINETUNE_TASKS", "Collator", "make_collator", "collate_pretrain", "collate_vqa",
-           "collate_nlvr2", "collate_mc", "collate_ref", "collate_retrieval", "collate_grounding",
-           "grounding_region_targets", "vqa_answer_score", "pack_offsets", "packed_index", "joint_packed_index"]
+           "collate_nlvr2", "collate_mc", "vcr_samples", "VCR_MODES", "collate_ref", "collate_retrieval",
+           "collate_grounding", "grounding_region_targets", "vqa_answer_score", "pack_offsets", "packed_index",
+           "joint_packed_index"]
 
 TEXT_TASKS = ("mlm",)
 REGION_TASKS = ("mrfr", "mrc", "mrc-kl", "mrc-vlbert", "mrm-vilbert")
@@ -86,6 +89,7 @@ SOFT_LABEL_TASKS = ("mrc", "mrc-kl", "mrc-vlbert", "mrm-vilbert")
 PRETRAIN_TASKS = TEXT_TASKS + REGION_TASKS + ("itm",)
 FINETUNE_TASKS = ("vqa", "nlvr2", "mc", "ref", "retrieval", "grounding")
 NLVR2_LAYOUTS = ("paired", "triplet")
+VCR_MODES = ("train", "eval")
 
 RngLike = Union[np.random.Generator, int]
 Sample = Mapping[str, Any]
@@ -490,6 +494,71 @@ def collate_mc(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *,
                                             dtype=torch.long)
     meta = {"task": "mc", "ids": [s.get("id") for s in samples], "img_ids": img_ids}
     return _batch(text, imgs, pad_id, targets, meta)
+
+
+def vcr_samples(items: Sequence[Sample], *, sep_id: int, mode: str) -> list[dict[str, Any]]:
+    """VCR's two sub-tasks as multiple-choice samples for :func:`collate_mc`.
+
+    An item: ``{"id", "input_ids" (the question, [CLS] ... [SEP]), "img_id", "choices"
+    (K answers, token ids without [CLS]/[SEP]), "rationale_choices" (K rationales, the
+    same), and, when labelled, "label" (the right answer) and "rationale_label"}``.
+    Samples (each with the item's ``img_id``, ``"item"``: its index in ``items``,
+    ``"item_id"``: its id (the index when it has none), ``"vcr"``: "q2a" | "qa2r",
+    ``"answer"``: the answer a QA->R sample is given, None for Q->A):
+
+    * Q->A: id ``"<id>/q2a"``, the question, ``choices`` = the answers, ``label`` =
+      the right answer;
+    * QA->R given answer j: id ``"<id>/qa2r/<j>"``, ``input_ids`` = the question +
+      answer j + ``sep_id`` (one text segment, token types 0, as the BERT baseline of
+      Zellers et al. 2019; :func:`collate_mc` appends each rationale as segment 1),
+      ``choices`` = the rationales, ``label`` = the right rationale (the one that
+      justifies the right answer, for every j: each batch is all labelled or all not).
+
+    ``mode="train"``: per item its Q->A sample, then its QA->R sample given the right
+    answer (UNITER trains on Q->A and QA->R data together) -- needs the labels.
+    ``mode="eval"``: per item its Q->A sample, then QA->R given every answer j = 0..K-1
+    (VCR's submission holds the rationale probabilities given each answer; QA->R
+    accuracy reads the one given the right answer).  Returns 2N (train) or N(K+1)
+    (eval) new dicts, in item order."""
+    where = "vcr_samples"
+    if mode not in VCR_MODES:
+        raise ValueError(f"{where}: mode: expected one of {VCR_MODES}, got {mode!r}")
+    if not isinstance(sep_id, (int, np.integer)) or isinstance(sep_id, bool) or sep_id < 0:
+        raise ValueError(f"{where}: sep_id: expected a token id (an int >= 0), got {sep_id!r}")
+    out: list[dict[str, Any]] = []
+    for i, it in enumerate(items):
+        if not isinstance(it, Mapping):
+            raise TypeError(f"{where}: items[{i}]: expected a dict, got {type(it).__name__}")
+        q = _ids(_field(it, "input_ids", i, where), f"items[{i}]['input_ids']", where)
+        answers = [_ids(a, f"items[{i}]['choices'][{k}]", where) for k, a in enumerate(_field(it, "choices", i, where))]
+        rationales = [_ids(r, f"items[{i}]['rationale_choices'][{k}]", where)
+                      for k, r in enumerate(_field(it, "rationale_choices", i, where))]
+        K = len(answers)
+        if K < 2 or len(rationales) != K:
+            raise ValueError(f"{where}: items[{i}]: expected K >= 2 answers and K rationales, got "
+                             f"{K} answers and {len(rationales)} rationales")
+        labelled = "label" in it or "rationale_label" in it
+        if labelled:
+            for key in ("label", "rationale_label"):
+                lab = _field(it, key, i, where)
+                if not isinstance(lab, (int, np.integer)) or isinstance(lab, bool) or not 0 <= lab < K:
+                    raise ValueError(f"{where}: items[{i}]['{key}']: expected an int in [0, {K}), got {lab!r}")
+        elif mode == "train":
+            raise ValueError(f"{where}: items[{i}]: mode 'train' needs 'label' and 'rationale_label' "
+                             f"(the right answer and rationale), got fields {sorted(it)}")
+        base = {"img_id": _field(it, "img_id", i, where), "item": i, "item_id": it.get("id", i)}
+        qa = {**base, "id": f"{it.get('id', i)}/q2a", "input_ids": list(q), "choices": answers, "vcr": "q2a",
+              "answer": None}
+        if labelled:
+            qa["label"] = int(it["label"])
+        out.append(qa)
+        for j in ([int(it["label"])] if mode == "train" else range(K)):
+            qr = {**base, "id": f"{it.get('id', i)}/qa2r/{j}", "input_ids": q + answers[j] + [int(sep_id)],
+                  "choices": rationales, "vcr": "qa2r", "answer": j}
+            if labelled:
+                qr["label"] = int(it["rationale_label"])
+            out.append(qr)
+    return out
 
 
 def collate_ref(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *, pad_id: int = 0) -> VLBatch:
