@@ -58,6 +58,7 @@ import dataclasses
 import hashlib
 import json
 import signal
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -229,6 +230,7 @@ class FeatureStoreSource(DataSource):
             _fail(f"data.options.{split}_txt_db", f"a text DB for the {split} split", path)
         db = self._TxtDb(path, max_txt_len=self.max_len)
         out = []
+        cut = 0
         for txt_id in db.id2len:
             ex = db[txt_id]
             ids = [self.tokenizer.cls_id] + list(ex["input_ids"])[: self.max_len - 2] + [self.tokenizer.sep_id]
@@ -242,8 +244,17 @@ class FeatureStoreSource(DataSource):
                 if "phrases" not in ex:
                     _fail(f"text DB {path}: record {txt_id!r}", "'phrases' (phrase grounding annotations: "
                           "position, regions, text per phrase)", sorted(ex))
-                s["phrases"] = [dict(ph) for ph in ex["phrases"]]
+                # a phrase whose last wordpiece was cut off with the text cannot be queried: dropped
+                # and counted (a sentence left with none is skipped)
+                kept = [dict(ph) for ph in ex["phrases"] if 0 < int(ph["position"]) < len(ids) - 1]
+                cut += len(ex["phrases"]) - len(kept)
+                if not kept:
+                    continue
+                s["phrases"] = kept
             out.append(s)
+        if cut:
+            warnings.warn(f"text DB {path}: {cut} phrase(s) lie past the first {self.max_len - 2} wordpieces "
+                          f"of their sentence and were dropped from {task}/{split}", stacklevel=2)
         return out
 
 
@@ -459,6 +470,8 @@ class VLJob:
                       "sentence_id": e["id"], "phrase_index": k}
                 if "regions" in ph:
                     ex["target_regions"] = list(ph["regions"])
+                if "gt_boxes" in ph:
+                    ex["gt_boxes"] = [list(b) for b in ph["gt_boxes"]]
                 out.append(ex)
         return out
 
@@ -682,17 +695,22 @@ class VLJob:
             for b, e in enumerate(ex):
                 rec = self.source.records[e["img_id"]]
                 if "phrases" in e:
-                    items = [(e["id"], k, ph.get("regions")) for k, ph in enumerate(e["phrases"])]
+                    items = [(e["id"], k, ph.get("regions"), ph.get("gt_boxes")) for k, ph in enumerate(e["phrases"])]
                 else:
-                    items = [(e["sentence_id"], e["phrase_index"], e.get("target_regions"))]
-                for k, (sid, pk, gold) in enumerate(items):
+                    items = [(e["sentence_id"], e["phrase_index"], e.get("target_regions"), e.get("gt_boxes"))]
+                for k, (sid, pk, gold, gt_boxes) in enumerate(items):
                     r = int(pred[b, k])
                     ids.append(f"{sid}#{pk}")
                     preds.append(r)
                     phrases.append({"sentence_id": sid, "phrase_index": pk, "image_id": e["img_id"]})
                     box = torch.as_tensor(rec.boxes[r], dtype=torch.float32)
                     boxes.append(box.tolist())
-                    if gold is None:
+                    if gt_boxes is not None and len(gt_boxes):
+                        # the dataset's own boxes (Flickr30k Entities, normalised x1y1x2y2): the
+                        # benchmark's metric, IoU >= 0.5 with any box of the phrase's entity
+                        g = torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4)
+                        hits.append(bool((M.box_iou(box.expand_as(g), g) >= 0.5).any()))
+                    elif gold is None:
                         labelled = False
                     else:
                         g = torch.as_tensor(np.asarray(rec.boxes)[list(gold)], dtype=torch.float32)

@@ -340,3 +340,42 @@ def test_grounding_job_trains_on_the_db(world, tmp_path, model):
     val = TxtDb(world["val"])
     assert len(r["predictions"]) == sum(len(val[k]["phrases"]) for k in val.keys())
     assert r["metrics"]["accuracy"] == pytest.approx(res.last_eval["accuracy"])
+
+
+@pytest.mark.parametrize("model", ["visualbert", "vilbert"])
+def test_grounding_accuracy_uses_the_dataset_boxes(world, tmp_path, model):
+    """With gt_boxes in the DB, a phrase is right when the predicted region's box has
+    IoU >= 0.5 with any of its entity's boxes (the benchmark's metric), checked by hand."""
+    from vlfast.training.config import load_config
+    from vlfast.training.jobs import VLJob
+
+    cfg = load_config("tiny_grounding", TINY + (VILBERT if model == "vilbert" else []) + [
+        "data.source=npz", f"data.path={world['store']}",
+        f"data.options={{txt_db: {world['db']}, val_txt_db: {world['val']}, "
+        f"vocab: {world['base'] / 'tok' / 'vocab.txt'}, grounding_iou: 0.5}}"])
+    job = VLJob(cfg)
+    r = job.predict(job.model.eval(), "val")
+    val = TxtDb(world["val"])
+    gts = {f"{k}#{i}": ph["gt_boxes"] for k in val.keys() for i, ph in enumerate(val[k]["phrases"])}
+    hits = [max(hand_iou(box, g) for g in gts[i]) >= 0.5 for i, box in zip(r["ids"], r["boxes"])]
+    assert r["metrics"]["accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_phrases_past_the_text_cut_are_dropped_with_a_warning(world, tmp_path):
+    from vlfast.training.jobs import FeatureStoreSource
+
+    opts = {"txt_db": str(world["db"]), "val_txt_db": str(world["val"]),
+            "vocab": str(world["base"] / "tok" / "vocab.txt")}
+    full = FeatureStoreSource(str(world["store"]), opts).examples("phrase_grounding", "train")
+    n_full = sum(len(e["phrases"]) for e in full)
+    # the text DB keeps sentences of up to max_len wordpieces but [CLS]/[SEP] leave room for
+    # max_len - 2: a kept sentence of max_len wordpieces loses its last two
+    db = TxtDb(world["db"])
+    # a sentence whose last phrase ends at one of its last two wordpieces, kept whole by the DB at L = its length
+    L = max(n for k, n in db.id2len.items() if max(ph["position"] for ph in db[k]["phrases"]) > n - 2)
+    src = FeatureStoreSource(str(world["store"]), opts, max_len=L)
+    with pytest.warns(UserWarning, match=rf"phrase\(s\) lie past the first {L - 2} wordpieces"):
+        short = src.examples("phrase_grounding", "train")
+    for e in short:
+        assert all(0 < ph["position"] < len(e["input_ids"]) - 1 for ph in e["phrases"]) and e["phrases"]
+    assert sum(len(e["phrases"]) for e in short) < n_full
