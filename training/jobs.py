@@ -727,6 +727,14 @@ class VLJob:
         task = self.tasks[0]
         r = self.predict(model, split)
         out_dir = Path(out_dir)
+        unsized: list[str] = []
+
+        def to_pixels(img_id: str, x1: float, y1: float, x2: float, y2: float) -> list[float]:
+            rec = self.source.records[img_id]
+            if rec.width == 1 and rec.height == 1:  # a store without image sizes (UNITER's layout)
+                unsized.append(img_id)
+            return [x1 * rec.width, y1 * rec.height, x2 * rec.width, y2 * rec.height]
+
         if task == "vqa":
             path = S.write_vqa_submission(out_dir / f"vqa_{split}.json", r["ids"], r["predictions"])
         elif task == "nlvr2":
@@ -736,17 +744,13 @@ class VLJob:
             boxes = []
             for e, region in zip(td.examples, r["predictions"]):
                 rec = self.source.records[e["img_id"]]
-                x1, y1, x2, y2 = (float(v) for v in rec.boxes[int(region)])
-                boxes.append([x1 * rec.width, y1 * rec.height, x2 * rec.width, y2 * rec.height])
+                boxes.append(to_pixels(e["img_id"], *(float(v) for v in rec.boxes[int(region)])))
             path = S.write_refcoco_predictions(out_dir / f"refcoco_{split}.json", r["ids"], boxes)
         elif task == "retrieval":
             path = S.write_retrieval_rankings(out_dir / f"retrieval_{split}.json", r["scores"], r["text_ids"],
                                               r["image_ids"], k=10)
         elif task == "phrase_grounding":
-            pix = []
-            for ph, (x1, y1, x2, y2) in zip(r["phrases"], r["boxes"]):
-                rec = self.source.records[ph["image_id"]]
-                pix.append([x1 * rec.width, y1 * rec.height, x2 * rec.width, y2 * rec.height])
+            pix = [to_pixels(ph["image_id"], *box) for ph, box in zip(r["phrases"], r["boxes"])]
             path = S.write_grounding_predictions(out_dir / f"grounding_{split}.json",
                                                  [ph["sentence_id"] for ph in r["phrases"]],
                                                  [ph["phrase_index"] for ph in r["phrases"]],
@@ -754,6 +758,10 @@ class VLJob:
         else:  # vcr: the answer probabilities and, for each answer j, the rationale probabilities given j
             path = S.write_vcr_submission(out_dir / f"vcr_{split}.csv", r["ids"], r["answer_probs"],
                                           r["rationale_probs"])
+        if unsized:
+            warnings.warn(f"{path}: the feature store has no image sizes for {len(set(unsized))} image(s) "
+                          f"(e.g. {unsized[0]!r}; UNITER's layout keeps none), so their boxes are written "
+                          "normalised to [0, 1], not in pixels", stacklevel=2)
         return path, r["metrics"]
 
     # -- state ---------------------------------------------------------------------

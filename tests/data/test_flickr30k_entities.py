@@ -379,3 +379,24 @@ def test_phrases_past_the_text_cut_are_dropped_with_a_warning(world, tmp_path):
     for e in short:
         assert all(0 < ph["position"] < len(e["input_ids"]) - 1 for ph in e["phrases"]) and e["phrases"]
     assert sum(len(e["phrases"]) for e in short) < n_full
+
+
+def test_grounding_submission_on_a_store_without_image_sizes_warns(world, tmp_path):
+    """UNITER's layout keeps no image size: the submission's boxes stay normalised and a
+    warning says so (instead of passing [0, 1] boxes off as pixels)."""
+    from vlfast.training.config import load_config
+    from vlfast.training.jobs import VLJob
+
+    tok, root = world["tok"], world["root"]
+    uni = write_uniter_lmdb(tmp_path / "uniter", records(), keep_all=True, fp16=False)
+    tr = build_grounding_txt_db(root, str(uni), tok, tmp_path / "tr", "train")
+    va = build_grounding_txt_db(root, str(uni), tok, tmp_path / "va", "val")
+    cfg = load_config("tiny_grounding", TINY + [
+        "data.source=uniter", f"data.path={uni}",
+        f"data.options={{txt_db: {tr}, val_txt_db: {va}, vocab: {world['base'] / 'tok' / 'vocab.txt'}}}"])
+    job = VLJob(cfg)
+    with pytest.warns(UserWarning, match="no image sizes.*normalised to \\[0, 1\\]"):
+        path, _ = job.write_predictions(job.model.eval(), "val", tmp_path / "pred")
+    rows = json.loads(path.read_text())
+    boxes = [v for row in rows for v in row["box"]]  # [x, y, w, h]
+    assert len(rows) > 0 and all(-1e-6 <= v <= 1 + 1e-6 for v in boxes)
