@@ -452,7 +452,8 @@ class VLJob:
                 _fail(f"data ({split} split)", f"examples for task {task!r}", "none")
             if task == "vcr":  # items -> Q->A and QA->R samples (QA->R given every answer in evaluation)
                 ex = vcr_samples(ex, sep_id=self.source.tokenizer.sep_id,
-                                 mode="train" if split == "train" else "eval")
+                                 mode="train" if split == "train" else "eval",
+                                 type_ids="uniter" if self.model_name == "uniter" else "bert")
             seed = _task_seed(self.cfg.seed, task) + (0 if split == "train" else 1)
             lens = [len(e["input_ids"]) + self.source.records.num_boxes(e["img_id"])
                     if hasattr(self.source.records, "num_boxes") and "img_id" in e else len(e["input_ids"])

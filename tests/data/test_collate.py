@@ -520,3 +520,24 @@ def test_packing(backend):
         packed_index([3], 2, backend=backend)
     with pytest.raises(ValueError, match="lengths: expected lengths >= 0"):
         pack_offsets([1, -1])
+
+
+def test_vcr_samples_uniter_token_types():
+    """UNITER's VCR types (its data/vcr.py): [CLS] and the question 0, the answer 2, the
+    rationale 3, each separator typed with the segment it opens."""
+    item = {"id": "v-0", "input_ids": [CLS, 10, 11, SEP], "img_id": "a", "choices": [[20], [21, 22], [23]],
+            "label": 1, "rationale_choices": [[30, 31], [32], [33]], "rationale_label": 2}
+    tr = vcr_samples([item], sep_id=SEP, mode="train", type_ids="uniter")
+    batch = collate_mc(tr, RECORDS, sep_id=SEP)
+    rows = [[CLS, 10, 11, SEP, 20, SEP], [CLS, 10, 11, SEP, 21, 22, SEP], [CLS, 10, 11, SEP, 23, SEP],
+            [CLS, 10, 11, SEP, 21, 22, SEP, 30, 31, SEP], [CLS, 10, 11, SEP, 21, 22, SEP, 32, SEP],
+            [CLS, 10, 11, SEP, 21, 22, SEP, 33, SEP]]
+    types = [[0, 0, 0, 2, 2, 2], [0, 0, 0, 2, 2, 2, 2], [0, 0, 0, 2, 2, 2],
+             [0, 0, 0, 2, 2, 2, 3, 3, 3, 3], [0, 0, 0, 2, 2, 2, 3, 3, 3], [0, 0, 0, 2, 2, 2, 3, 3, 3]]
+    _check_common(batch, rows, types, ["a"] * 6)
+    ev = vcr_samples([item], sep_id=SEP, mode="eval", type_ids="uniter")
+    assert ev[1]["token_type_ids"] == [0, 0, 0, 2, 2, 3] and ev[1]["choice_type_id"] == 3
+    with pytest.raises(ValueError, match="type_ids: expected one of \\('bert', 'uniter'\\), got 'vl'"):
+        vcr_samples([item], sep_id=SEP, mode="eval", type_ids="vl")
+    with pytest.raises(ValueError, match="choice_type_id'\\]: expected a token type"):
+        collate_mc([dict(tr[0], choice_type_id=-1)], RECORDS)

@@ -173,7 +173,10 @@ def test_training_mixes_q2a_and_qa2r_samples(source):
                 assert toks[seps[1] + 1:seps[2]] == words(w["rationale_choices"][k])
                 assert tok.decode(toks[seps[0] + 1:seps[1]]) == w["choices"][w["label"]]
                 tt = batch.token_type_ids[4 * b + k][: len(toks)].tolist()
-                assert tt == [0] * (seps[1] + 1) + [1] * (len(toks) - seps[1] - 1)
+                if job.model_name == "uniter":  # UNITER's VCR types: question 0, answer 2, rationale 3
+                    assert tt == [0] * seps[0] + [2] * (seps[1] - seps[0]) + [3] * (len(toks) - seps[1])
+                else:
+                    assert tt == [0] * (seps[1] + 1) + [1] * (len(toks) - seps[1] - 1)
     assert seen_qa2r > 0
     assert any(k == {"q2a", "qa2r"} for k in kinds_per_batch)  # mixed within batches
 

@@ -79,7 +79,7 @@ from vlfast.data.batch import ImageRecord, VLBatch
 from vlfast.data.masking import (IGNORE_INDEX, _njit, _use_numba, mask_regions_batch, mask_text_batch)
 
 __all__ = ["PRETRAIN_TASKS", "FINETUNE_TASKS", "Collator", "make_collator", "collate_pretrain", "collate_vqa",
-           "collate_nlvr2", "collate_mc", "vcr_samples", "VCR_MODES", "collate_ref", "collate_retrieval",
+           "collate_nlvr2", "collate_mc", "vcr_samples", "VCR_MODES", "VCR_TYPE_IDS", "collate_ref", "collate_retrieval",
            "collate_grounding", "grounding_region_targets", "vqa_answer_score", "pack_offsets", "packed_index",
            "joint_packed_index"]
 
@@ -90,6 +90,7 @@ PRETRAIN_TASKS = TEXT_TASKS + REGION_TASKS + ("itm",)
 FINETUNE_TASKS = ("vqa", "nlvr2", "mc", "ref", "retrieval", "grounding")
 NLVR2_LAYOUTS = ("paired", "triplet")
 VCR_MODES = ("train", "eval")
+VCR_TYPE_IDS = ("bert", "uniter")
 
 RngLike = Union[np.random.Generator, int]
 Sample = Mapping[str, Any]
@@ -465,9 +466,9 @@ def collate_mc(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *,
                pad_id: int = 0) -> VLBatch:
     """VCR-style multiple choice: sample b's K choices give rows bK .. bK+K-1, each the
     question ids + the choice ids (+ ``sep_id`` when given), token type 0 for the
-    question and 1 for the choice.  ``pair_index`` (BK,) long; ``mc_labels`` (B,) long
-    (the right choice).  Samples: "choices" list of K id lists (same K in the batch),
-    "label"."""
+    question (or the sample's "token_type_ids") and 1 for the choice (or the sample's
+    "choice_type_id").  ``pair_index`` (BK,) long; ``mc_labels`` (B,) long (the right
+    choice).  Samples: "choices" list of K id lists (same K in the batch), "label"."""
     where = "collate_mc"
     _check_samples(samples, where)
     K = None
@@ -483,9 +484,13 @@ def collate_mc(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *,
             raise ValueError(f"{where}: samples[{i}]['choices']: expected {K} choices (as samples[0]), "
                              f"got {len(choices)}")
         img = _field(s, "img_id", i, where)
+        ct = s.get("choice_type_id", 1)
+        if not isinstance(ct, (int, np.integer)) or isinstance(ct, bool) or ct < 0:
+            raise ValueError(f"{where}: samples[{i}]['choice_type_id']: expected a token type (an int >= 0), "
+                             f"got {ct!r}")
         for k, c in enumerate(choices):
             c = _ids(c, f"samples[{i}]['choices'][{k}]", where) + ([] if sep_id is None else [int(sep_id)])
-            text.append((q + c, qt + [1] * len(c)))
+            text.append((q + c, qt + [int(ct)] * len(c)))
             img_ids.append(img)
     imgs = _images(records, img_ids, where)
     targets = {"pair_index": torch.arange(len(samples), dtype=torch.long).repeat_interleave(K)}
@@ -496,7 +501,7 @@ def collate_mc(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *,
     return _batch(text, imgs, pad_id, targets, meta)
 
 
-def vcr_samples(items: Sequence[Sample], *, sep_id: int, mode: str) -> list[dict[str, Any]]:
+def vcr_samples(items: Sequence[Sample], *, sep_id: int, mode: str, type_ids: str = "bert") -> list[dict[str, Any]]:
     """VCR's two sub-tasks as multiple-choice samples for :func:`collate_mc`.
 
     An item: ``{"id", "input_ids" (the question, [CLS] ... [SEP]), "img_id", "choices"
@@ -519,10 +524,19 @@ def vcr_samples(items: Sequence[Sample], *, sep_id: int, mode: str) -> list[dict
     ``mode="eval"``: per item its Q->A sample, then QA->R given every answer j = 0..K-1
     (VCR's submission holds the rationale probabilities given each answer; QA->R
     accuracy reads the one given the right answer).  Returns 2N (train) or N(K+1)
-    (eval) new dicts, in item order."""
+    (eval) new dicts, in item order.
+
+    ``type_ids``: "bert" -- the question (with the given answer) type 0, the choices
+    type 1 (the default of :func:`collate_mc`); "uniter" -- UNITER's VCR types ([CLS] and
+    the question 0, the answer 2, the rationale 3, each separator typed with the
+    segment it opens: ``[CLS] q | [SEP] a | [SEP] r [SEP]``), set through the samples'
+    ``token_type_ids`` and ``choice_type_id``."""
     where = "vcr_samples"
     if mode not in VCR_MODES:
         raise ValueError(f"{where}: mode: expected one of {VCR_MODES}, got {mode!r}")
+    if type_ids not in VCR_TYPE_IDS:
+        raise ValueError(f"{where}: type_ids: expected one of {VCR_TYPE_IDS}, got {type_ids!r}")
+    uniter = type_ids == "uniter"
     if not isinstance(sep_id, (int, np.integer)) or isinstance(sep_id, bool) or sep_id < 0:
         raise ValueError(f"{where}: sep_id: expected a token id (an int >= 0), got {sep_id!r}")
     out: list[dict[str, Any]] = []
@@ -549,12 +563,16 @@ def vcr_samples(items: Sequence[Sample], *, sep_id: int, mode: str) -> list[dict
         base = {"img_id": _field(it, "img_id", i, where), "item": i, "item_id": it.get("id", i)}
         qa = {**base, "id": f"{it.get('id', i)}/q2a", "input_ids": list(q), "choices": answers, "vcr": "q2a",
               "answer": None}
+        if uniter:  # [CLS] q -> 0; [SEP] a [SEP] -> 2
+            qa.update(token_type_ids=[0] * (len(q) - 1) + [2], choice_type_id=2)
         if labelled:
             qa["label"] = int(it["label"])
         out.append(qa)
         for j in ([int(it["label"])] if mode == "train" else range(K)):
             qr = {**base, "id": f"{it.get('id', i)}/qa2r/{j}", "input_ids": q + answers[j] + [int(sep_id)],
                   "choices": rationales, "vcr": "qa2r", "answer": j}
+            if uniter:  # [CLS] q -> 0; [SEP] a -> 2; [SEP] r [SEP] -> 3
+                qr.update(token_type_ids=[0] * (len(q) - 1) + [2] * (1 + len(answers[j])) + [3], choice_type_id=3)
             if labelled:
                 qr["label"] = int(it["rationale_label"])
             out.append(qr)
