@@ -63,6 +63,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from vlfast.data.batch import ImageRecord
+from vlfast.data.collate import _iou_matrix
 from vlfast.data.tokenization import VLTokenizer
 
 __all__ = ["EntityPhrase", "parse_sentence", "parse_sentences_file", "parse_annotation", "read_split",
@@ -258,17 +259,6 @@ def read_split(flickr_root: PathLike, split: str) -> list[str]:
 # Conversion
 # ----------------------------------------------------------------------------------
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, 4) x (M, 4) xyxy -> (N, M) IoU, float64 (0 where the union is empty)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def open_store(path: PathLike, source: Optional[str] = None) -> Mapping[str, ImageRecord]:
     """Open a feature store with :func:`vlfast.data.readers.open_feature_store` and, when
     ``source`` (uniter | vilbert | tsv | npz) is given, check that the layout is that one."""
@@ -303,7 +293,7 @@ def _image_examples(image_id: str, key: str, rec: ImageRecord, sentences: list[t
     grounded: dict[str, tuple[list[int], list[list[float]]]] = {}  # entity -> (regions, normalised gt boxes)
     for eid, bxs in ann["boxes"].items():
         gt = np.asarray(bxs, dtype=np.float64) / scale
-        hit = (_iou(regions, gt) >= iou_threshold).any(1) if len(regions) else np.zeros(0, bool)
+        hit = (_iou_matrix(regions, gt) >= iou_threshold).any(1) if len(regions) else np.zeros(0, bool)
         grounded[eid] = (np.flatnonzero(hit).tolist(), gt.tolist())
     keep_n = max_txt_len - 2
     drops = stats["phrases_dropped"]
