@@ -10,7 +10,9 @@ A :class:`VLJob` is built from a :class:`~vlfast.training.config.TrainConfig`:
 * ``data.source``: ``synthetic`` (the embedded world of :mod:`vlfast.data.synthetic`;
   ``data.options``: seed, n_images, feat_dim, ...), or real features: a feature
   store (``data.path``; uniter | vilbert | tsv | npz layouts) with UNITER-format text
-  DBs (``data.options.txt_db`` / ``val_txt_db``, ``vocab``: a WordPiece vocab file);
+  DBs (``data.options.txt_db`` / ``val_txt_db`` / ``test_txt_db``, ``vocab``: a WordPiece
+  vocab file; for VCR also ``gt_img_db``: the ground-truth-box feature store whose
+  regions go before ``data.path``'s detected ones, see :class:`FeatureStoreSource`);
 * the model: ``model.name``/``size``/``config``; the model's vocabulary and region
   feature size follow the data.
 
@@ -191,14 +193,109 @@ class SyntheticSource(DataSource):
         raise KeyError(f"the synthetic world has no examples for task {task!r}")
 
 
+class VcrImages(Mapping):
+    """The image mapping of a VCR source: ``data.path``'s records (the detected boxes),
+    plus combined keys ``"<gt key>+<det key>"`` (registered by :meth:`pair`) whose record
+    is the ground-truth-box store's regions followed by the detected ones -- UNITER's
+    ``img_db_gt`` + ``img_db`` concatenation.
+
+    A combined record: ``features`` (N_gt + N_det, F), ``boxes`` (N_gt + N_det, 4)
+    normalised, ``conf`` (N,) when both parts have one, ``soft_labels`` (N, C) when both
+    have them with the same C (else None: fine-tuning does not read them), width/height
+    of the detected record.  ``num_boxes(key)`` is the parts' ``num_boxes`` summed."""
+
+    def __init__(self, det: Mapping[str, ImageRecord], gt: Optional[Mapping[str, ImageRecord]] = None) -> None:
+        self.det, self.gt = det, gt
+        self._pairs: dict[str, tuple[str, str]] = {}
+
+    def pair(self, gt_key: str, det_key: str) -> str:
+        """The key of the image of a VCR example whose ``img_fname`` is [gt_key, det_key]:
+        ``"<gt_key>+<det_key>"`` with a ground-truth store, else ``det_key``.  KeyError
+        (a FeatureStoreError) naming the store when a key is missing."""
+        from vlfast.data.readers import FeatureStoreError
+
+        for store, k, what in ((self.det, det_key, "data.path"), (self.gt, gt_key, "data.options.gt_img_db")):
+            if store is not None and k not in store:
+                raise FeatureStoreError(f"{what} ({getattr(store, 'path', store)!r}) has no image {k!r}",
+                                        path=getattr(store, "path", None), key=k, reason="missing")
+        if self.gt is None:
+            return det_key
+        key = f"{gt_key}+{det_key}"
+        self._pairs[key] = (gt_key, det_key)
+        return key
+
+    def __getitem__(self, key: Any) -> ImageRecord:
+        pair = self._pairs.get(key) if isinstance(key, str) else None
+        if pair is None:
+            return self.det[key]
+        assert self.gt is not None
+        g, d = self.gt[pair[0]], self.det[pair[1]]
+        if g.features.shape[1] != d.features.shape[1]:
+            raise ValueError(f"image {key!r}: data.options.gt_img_db's features have {g.features.shape[1]} "
+                             f"dims, data.path's {d.features.shape[1]}: expected the same feature size")
+        conf = None if g.conf is None or d.conf is None else np.concatenate([g.conf, d.conf])
+        soft = None
+        if (g.soft_labels is not None and d.soft_labels is not None
+                and g.soft_labels.shape[1] == d.soft_labels.shape[1]):
+            soft = np.concatenate([g.soft_labels, d.soft_labels])
+        return ImageRecord(key, np.concatenate([g.features, d.features]), np.concatenate([g.boxes, d.boxes]),
+                           conf=conf, soft_labels=soft, width=d.width, height=d.height)
+
+    @staticmethod
+    def _count(store: Mapping[str, ImageRecord], key: str) -> int:
+        n = getattr(store, "num_boxes", None)
+        return int(n(key)) if callable(n) else store[key].num_boxes
+
+    def num_boxes(self, key: Any) -> int:
+        """Region count of ``key``'s record (ground-truth + detected for a combined key)."""
+        pair = self._pairs.get(key) if isinstance(key, str) else None
+        if pair is None:
+            return self._count(self.det, key)
+        assert self.gt is not None
+        return self._count(self.gt, pair[0]) + self._count(self.det, pair[1])
+
+    def __contains__(self, key: object) -> bool:
+        return (isinstance(key, str) and key in self._pairs) or key in self.det
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.det
+        yield from (k for k in self._pairs if k not in self.det)
+
+    def __len__(self) -> int:
+        return len(self.det) + sum(1 for k in self._pairs if k not in self.det)
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"VcrImages(det={self.det!r}, gt={self.gt!r}, {len(self._pairs)} combined images)"
+
+
 class FeatureStoreSource(DataSource):
     """Real features: a feature store (``data.path``, any layout of
     :func:`vlfast.data.readers.open_feature_store`) and UNITER-format text DBs
-    (``options.txt_db``, ``options.val_txt_db``) with a WordPiece vocab
-    (``options.vocab``; default: the offline BERT's).  VQA targets come from the text
-    DB's ``target`` ({labels, scores}) and its ``ans2label.json``."""
+    (``options.txt_db``, ``options.val_txt_db``, ``options.test_txt_db``) with a WordPiece
+    vocab (``options.vocab``; default: the offline BERT's).  VQA targets come from the
+    text DB's ``target`` ({labels, scores}) and its ``ans2label.json``.
 
-    def __init__(self, path: str, options: Mapping[str, Any], max_len: int = 60):
+    VCR (UNITER's VCR text DBs: ``id2len_qa.json``/``id2len_qar.json``, examples with
+    ``input_ids`` (the question), ``input_ids_as``, ``input_ids_rs``, ``qa_target``,
+    ``qar_target``, ``img_fname`` = [gt key, detected key]): ``options.gt_img_db`` (any
+    store layout) names the ground-truth-box features; then ``records`` is a
+    :class:`VcrImages` whose combined images put those regions before ``data.path``'s
+    (UNITER's layout); without it only the detected key's regions are used.  Every row
+    (``[CLS] q [SEP] a [SEP] r [SEP]``) is kept within ``max_len`` (and the model's
+    ``max_positions``) by cutting the question first, then the answers/rationales
+    (longest first); VCR items are never dropped by length.  UNITER's VCR DBs map
+    object tags to word ids past BERT's vocabulary: those need ``model_vocab_size``
+    (``model.config.vocab_size``) >= the largest id + 1.
+
+    ``model_vocab_size``: the model's word-embedding rows when they differ from the
+    tokenizer's vocab (None: the tokenizer's); ``max_positions``: the model's
+    ``max_position_embeddings`` (None: ``max_len`` alone bounds VCR rows)."""
+
+    def __init__(self, path: str, options: Mapping[str, Any], max_len: int = 60,
+                 model_vocab_size: Optional[int] = None, max_positions: Optional[int] = None):
         from vlfast.data.readers import open_feature_store
         from vlfast.data.textdb import TxtDb
         from vlfast.data.tokenization import load_wordpiece
@@ -207,11 +304,23 @@ class FeatureStoreSource(DataSource):
         if not path:
             _fail("data.path", "a feature store path for a non-synthetic source", path)
         opts = dict(options)
-        self.records = open_feature_store(path)
+        det = open_feature_store(path)
         vocab = opts.get("vocab") or str(bert_checkpoint_dir() / "vocab.txt")
+        self.vocab_path = vocab
         self.tokenizer = load_wordpiece(vocab)
-        first = next(iter(self.records.keys()))
-        self.feat_dim = int(self.records[first].features.shape[1])
+        first = next(iter(det.keys()))
+        self.feat_dim = int(det[first].features.shape[1])
+        gt_path = opts.get("gt_img_db")
+        self.records: Mapping[str, ImageRecord]
+        if gt_path:
+            gt = open_feature_store(gt_path)
+            gt_dim = int(gt[next(iter(gt.keys()))].features.shape[1])
+            if gt_dim != self.feat_dim:
+                _fail("data.options.gt_img_db", f"features of data.path's size {self.feat_dim} ({path})",
+                      f"{gt_dim} in {gt_path}")
+            self.records = VcrImages(det, gt)
+        else:
+            self.records = det
         self.num_region_classes = int(opts.get("num_region_classes", 1601))
         self.dbs = {"train": opts.get("txt_db"), "val": opts.get("val_txt_db"), "test": opts.get("test_txt_db")}
         if not self.dbs["train"]:
@@ -222,12 +331,19 @@ class FeatureStoreSource(DataSource):
             a2l = json.loads(ans.read_text())
             self.answers = [a for a, _ in sorted(a2l.items(), key=lambda kv: kv[1])]
         self.max_len = max_len
+        for name, v in (("model_vocab_size", model_vocab_size), ("max_positions", max_positions)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                _fail(f"FeatureStoreSource {name}", "None or an int >= 1", repr(v))
+        self.model_vocab_size = model_vocab_size
+        self.max_positions = max_positions
         self._TxtDb = TxtDb
 
     def examples(self, task: str, split: str) -> list[dict[str, Any]]:
         path = self.dbs.get(split)
         if not path:
             _fail(f"data.options.{split}_txt_db", f"a text DB for the {split} split", path)
+        if task == "vcr":
+            return self._vcr_items(path)
         db = self._TxtDb(path, max_txt_len=self.max_len)
         out = []
         cut = 0
@@ -257,13 +373,117 @@ class FeatureStoreSource(DataSource):
                           f"of their sentence and were dropped from {task}/{split}", stacklevel=2)
         return out
 
+    def _vcr_items(self, path: str) -> list[dict[str, Any]]:
+        """UNITER's VCR text DB -> VCR items for :func:`vlfast.data.collate.vcr_samples`:
+        ``{"id", "input_ids" ([CLS] question [SEP]), "img_id", "choices" (K answers),
+        "rationale_choices" (K rationales), and "label"/"rationale_label" when the record's
+        qa_target/qar_target are >= 0}``, truncated so the longest row fits (see the class)."""
+        tok = self.tokenizer
+        L = self.max_len if self.max_positions is None else min(self.max_len, self.max_positions)
+        if L < 7:
+            _fail("VCR row budget (min(max_len, max_position_embeddings))", "at least 7 tokens "
+                  "([CLS] q [SEP] a [SEP] r [SEP] with one word piece each)", L)
+        db = self._TxtDb(path)  # every item: rows are truncated, not dropped
+        limit = self.model_vocab_size or tok.vocab_size
+        worst: tuple[int, str] = (-1, "")
+        out: list[dict[str, Any]] = []
+        truncated = 0
+        for txt_id in db.id2len:
+            ex = db[txt_id]
+            where = f"text DB {path}: record {txt_id!r}"
+            missing = [k for k in ("input_ids", "input_ids_as", "input_ids_rs", "img_fname") if k not in ex]
+            if missing:
+                _fail(where, "UNITER's VCR fields input_ids, input_ids_as, input_ids_rs, img_fname",
+                      f"fields {sorted(ex)} (missing {missing})")
+            q = [int(t) for t in ex["input_ids"]]
+            answers = [[int(t) for t in a] for a in ex["input_ids_as"]]
+            rationales = [[int(t) for t in r] for r in ex["input_ids_rs"]]
+            if not answers or not rationales:
+                _fail(where, "answers (input_ids_as) and rationales (input_ids_rs)",
+                      f"{len(answers)} answers and {len(rationales)} rationales")
+            for ids in [q, *answers, *rationales]:
+                if ids and max(ids) > worst[0]:
+                    worst = (max(ids), txt_id)
+            # fit [CLS] q [SEP] a_j [SEP] r_k [SEP] for every j, k: the question first, then the
+            # longer of the answer / rationale caps
+            ca, cr = max(len(a) for a in answers), max(len(r) for r in rationales)
+            over = len(q) + ca + cr + 4 - L
+            if over > 0:
+                truncated += 1
+                q = q[: len(q) - min(over, max(0, len(q) - 1))]
+                while len(q) + ca + cr + 4 > L:
+                    if ca >= cr:
+                        ca -= 1
+                    else:
+                        cr -= 1
+                answers = [a[:ca] for a in answers]
+                rationales = [r[:cr] for r in rationales]
+            img = ex["img_fname"]
+            if isinstance(img, str):
+                img_id = self._vcr_image(None, img, where)
+            elif isinstance(img, (list, tuple)) and len(img) == 2 and all(isinstance(k, str) for k in img):
+                img_id = self._vcr_image(img[0], img[1], where)
+            else:
+                _fail(f"{where}: img_fname", "[ground-truth image key, detected image key]", repr(img))
+                raise AssertionError
+            item: dict[str, Any] = {"id": txt_id, "input_ids": [tok.cls_id] + q + [tok.sep_id], "img_id": img_id,
+                                    "choices": answers, "rationale_choices": rationales}
+            qa, qar = ex.get("qa_target"), ex.get("qar_target")
+            qa = -1 if qa is None else int(qa)
+            qar = -1 if qar is None else int(qar)
+            if (qa >= 0) != (qar >= 0):
+                _fail(f"{where}: qa_target/qar_target", "both labels (>= 0) or neither (-1 / absent: test)",
+                      f"qa_target={ex.get('qa_target')!r}, qar_target={ex.get('qar_target')!r}")
+            if qa >= 0:
+                item["label"], item["rationale_label"] = qa, qar
+            out.append(item)
+        if worst[0] >= limit:
+            raise ValueError(
+                f"text DB {path}: record {worst[1]!r} has word id {worst[0]}, expected ids < the model's vocab size "
+                f"{limit} (the tokenizer {self.vocab_path} has {tok.vocab_size} ids).  UNITER's VCR DBs map object "
+                "tags to ids past BERT's vocabulary (its VCR head's num_special_tokens, 81 in UNITER): set "
+                f"model.config.vocab_size to at least {worst[0] + 1} (vocab + special tokens) so the word "
+                "embedding has those rows")
+        if truncated:
+            warnings.warn(f"text DB {path}: {truncated} VCR item(s) were cut to fit [CLS] q [SEP] a [SEP] r [SEP] "
+                          f"into {L} tokens (the question first, then answers/rationales)", stacklevel=3)
+        return out
+
+    def _vcr_image(self, gt_key: Optional[str], det_key: str, where: str) -> str:
+        """The image key of a VCR example: the combined ground-truth + detected key with
+        ``gt_img_db``, else the detected key (checked against ``data.path``)."""
+        if isinstance(self.records, VcrImages):
+            if gt_key is None:
+                _fail(f"{where}: img_fname", "[ground-truth image key, detected image key] (data.options."
+                      "gt_img_db is set)", repr(det_key))
+                raise AssertionError
+            return self.records.pair(gt_key, det_key)
+        if det_key not in self.records:
+            from vlfast.data.readers import FeatureStoreError
+
+            raise FeatureStoreError(f"{where}: data.path ({getattr(self.records, 'path', '?')!r}) has no image "
+                                    f"{det_key!r}", path=getattr(self.records, "path", None), key=det_key,
+                                    reason="missing")
+        return det_key
+
 
 def make_source(cfg: TrainConfig) -> DataSource:
+    """The data source of ``cfg.data``: the synthetic world, or a feature store with text
+    DBs (told the model's ``vocab_size`` when ``model.config`` sets one, and the model's
+    ``max_position_embeddings``, which bound VCR's word ids and rows)."""
     opts = split_options(cfg.data.options)[0]
     if cfg.data.source == "synthetic":
         return SyntheticSource(opts)
     if cfg.data.source in ("uniter", "vilbert", "tsv", "npz"):
-        return FeatureStoreSource(cfg.data.path or "", opts)
+        vocab = cfg.model.config.get("vocab_size")
+        try:
+            positions = getattr(make_config(cfg.model.name, {"size": cfg.model.size, **cfg.model.config}),
+                                "max_position_embeddings", None)
+        except (ValueError, TypeError, KeyError):
+            positions = None  # the job reports a bad model config when it builds the model
+        return FeatureStoreSource(cfg.data.path or "", opts,
+                                  model_vocab_size=int(vocab) if isinstance(vocab, int) else None,
+                                  max_positions=int(positions) if isinstance(positions, int) else None)
     _fail("data.source", "synthetic | uniter | vilbert | tsv | npz", repr(cfg.data.source))
     raise AssertionError
 
@@ -774,5 +994,5 @@ class VLJob:
         return None
 
 
-__all__ = ["VLJob", "DataSource", "SyntheticSource", "FeatureStoreSource", "make_source", "PRETRAIN_COLLATE",
-           "FINETUNE_COLLATE"]
+__all__ = ["VLJob", "DataSource", "SyntheticSource", "FeatureStoreSource", "VcrImages", "make_source",
+           "PRETRAIN_COLLATE", "FINETUNE_COLLATE"]

@@ -4,14 +4,19 @@ Layout (UNITER's prepro.py / data.TxtLmdb): a folder that is itself an LMDB
 (``data.mdb``) whose values are ``lz4.frame.compress(msgpack.dumps(example))`` under the
 example id (utf-8), next to
 
-* ``id2len.json`` -- id -> number of word pieces (the ids of the DB; required);
+* ``id2len.json`` -- id -> number of word pieces (the ids of the DB; required), or, in
+  UNITER's VCR DBs, ``id2len_qa.json`` (question + answer) and ``id2len_qar.json``
+  (question + answer + rationale) instead (see :class:`TxtDb`'s ``id2len``);
 * ``txt2img.json`` -- id -> image key in the image DB (a list of two for NLVR2);
 * ``img2txts.json`` -- image key -> ids (retrieval DBs);
 * ``meta.json`` -- tokenizer settings: ``CLS``, ``SEP``, ``MASK``, ``UNK`` ids, ``v_range``.
 
 An example is a dict with at least ``input_ids`` (list of int) and ``img_fname``; task
 fields vary: VQA ``target = {"labels": [...], "scores": [...]}``, NLVR2 ``target`` 0/1,
-referring expressions ``sent_id``/``ann_id``/``bbox``, ...  numpy arrays inside examples
+referring expressions ``sent_id``/``ann_id``/``bbox``, VCR ``input_ids`` (the question),
+``input_ids_as`` / ``input_ids_rs`` (4 answers / 4 rationales, lists of ids), ``qa_target`` /
+``qar_target`` (ints, -1 or absent on test) and ``img_fname`` = [ground-truth-box image
+key, detected-box image key], ...  numpy arrays inside examples
 use msgpack-numpy's encoding (read and written by :mod:`vlfast.data.readers`).
 
 A missing id or an undecodable record raises :class:`~vlfast.data.readers.FeatureStoreError`
@@ -32,7 +37,11 @@ import msgpack
 from vlfast.data.readers import (FeatureStoreError, _SharedEnvMixin, _acquire_env, _atomic_path, _corrupt,
                                  _missing, _write_json_atomic, _write_lmdb, mp_dumps, mp_loads)
 
-__all__ = ["TxtDb", "write_txt_db"]
+__all__ = ["TxtDb", "write_txt_db", "ID2LEN_FILES"]
+
+# TxtDb's ``id2len`` argument -> the length file it reads (UNITER's VcrTxtTokLmdb task names;
+# "qa,qar" reads the qar lengths, as UNITER does)
+ID2LEN_FILES: dict[str, str] = {"qa": "id2len_qa.json", "qar": "id2len_qar.json", "qa,qar": "id2len_qar.json"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,21 +51,40 @@ class TxtDb(_SharedEnvMixin, Mapping):
 
     ``max_txt_len`` keeps only ids with at most that many word pieces (UNITER's
     TxtTokLmdb filters at 60 for training; None or -1 keeps all).  ``keys()`` are the
-    ids of ``id2len.json`` in file order (after the filter).
+    ids of the length file in file order (after the filter).
+
+    ``id2len`` picks the length file: None (default) reads ``id2len.json`` and, when a
+    DB has none, UNITER's VCR files -- ``id2len_qar.json`` (preferred, as UNITER's
+    "qa,qar" task does), else ``id2len_qa.json``; "qa" / "qar" / "qa,qar" read
+    ``id2len_qa.json`` / ``id2len_qar.json`` / ``id2len_qar.json`` and nothing else.
+    ``self.id2len_file`` is the name of the file read.
     """
 
-    def __init__(self, path: PathLike, max_txt_len: Optional[int] = None) -> None:
+    def __init__(self, path: PathLike, max_txt_len: Optional[int] = None, id2len: Optional[str] = None) -> None:
         p = Path(path)
         if not (p / "data.mdb").is_file():
             raise FeatureStoreError(f"TxtDb: {str(p)!r} is not an LMDB folder (no data.mdb)", path=p, reason="store")
         self.path = str(p)
-        id2len = self._json("id2len.json", required=True)
-        if not isinstance(id2len, dict):
-            raise FeatureStoreError(f"TxtDb {self.path!r}: id2len.json: expected an object id -> length, got "
-                                    f"{type(id2len).__name__}", path=p, reason="store")
+        if id2len is not None and id2len not in ID2LEN_FILES:
+            raise ValueError(f"TxtDb {self.path!r}: id2len: expected None or one of {sorted(ID2LEN_FILES)}, "
+                             f"got {id2len!r}")
+        if id2len is not None:
+            name = ID2LEN_FILES[id2len]
+        else:
+            found = [n for n in ("id2len.json", "id2len_qar.json", "id2len_qa.json") if (p / n).is_file()]
+            if not found:
+                raise FeatureStoreError(f"TxtDb {self.path!r}: id2len.json is missing (and so are VCR's "
+                                        "id2len_qar.json and id2len_qa.json): expected one of them next to "
+                                        "data.mdb", path=self.path, reason="store")
+            name = found[0]
+        self.id2len_file = name
+        lengths = self._json(name, required=True)
+        if not isinstance(lengths, dict):
+            raise FeatureStoreError(f"TxtDb {self.path!r}: {name}: expected an object id -> length, got "
+                                    f"{type(lengths).__name__}", path=p, reason="store")
         if max_txt_len is not None and max_txt_len != -1:
-            id2len = {k: v for k, v in id2len.items() if v <= max_txt_len}
-        self.id2len: dict[str, int] = {str(k): int(v) for k, v in id2len.items()}
+            lengths = {k: v for k, v in lengths.items() if v <= max_txt_len}
+        self.id2len: dict[str, int] = {str(k): int(v) for k, v in lengths.items()}
         self._keys = list(self.id2len)
         self._env: Optional[lmdb.Environment] = None
         self._env_key: Optional[tuple[int, int, int]] = None
