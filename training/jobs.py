@@ -630,7 +630,7 @@ class VLJob:
         self.model_name = name
         self.pad_id = tok.pad_id
         self._train: dict[str, _TaskData] = {}
-        self._eval: dict[str, _TaskData] = {}
+        self._eval: dict[tuple[str, str], _TaskData] = {}
 
     # -- data --------------------------------------------------------------------
 
@@ -663,8 +663,10 @@ class VLJob:
         return Collator(ct, self.source.records, seed=seed, **opts)
 
     def _task_data(self, task: str, split: str) -> _TaskData:
+        # evaluation data per (task, split): val and test of one job must not share a cache entry
         cache = self._train if split == "train" else self._eval
-        if task not in cache:
+        key = task if split == "train" else (task, split)
+        if key not in cache:
             ex = self.source.examples(task, split)
             if task == "phrase_grounding" and self.model_name == "vilbert":
                 ex = self._one_phrase_examples(ex)
@@ -678,8 +680,8 @@ class VLJob:
             lens = [len(e["input_ids"]) + self.source.records.num_boxes(e["img_id"])
                     if hasattr(self.source.records, "num_boxes") and "img_id" in e else len(e["input_ids"])
                     for e in ex]
-            cache[task] = _TaskData(ex, self._collator(task, seed, ex), lens)
-        return cache[task]
+            cache[key] = _TaskData(ex, self._collator(task, seed, ex), lens)
+        return cache[key]
 
     def _one_phrase_examples(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """ViLBERT's grounding layout: one example per phrase, the phrase as the text."""

@@ -174,3 +174,18 @@ def test_with_images_shuffled_rejects_bad_shift_and_region_targets(source):
     m = next(iter(job._eval_batches("mrfr", "val")))[1]
     with pytest.raises(ValueError, match="without masked regions"):
         m.with_images_shuffled()
+
+
+def test_val_then_test_predictions_of_one_job_are_the_test_split(source):
+    """Evaluation data is cached per (task, split): predicting test after evaluating val
+    on the same job gives test's examples, as a fresh job does."""
+    cfg = load_config("default_vqa", SMALL + ["eval.every=0", "checkpoint.best_metric=null"])
+    torch.manual_seed(0)
+    job = VLJob(cfg, source)
+    model = job.model.eval()
+    with torch.no_grad():
+        val = job.predict(model, "val")
+        test = job.predict(model, "test")
+    assert val["ids"] == [e["id"] for e in source.examples("vqa", "val")]
+    assert test["ids"] == [e["id"] for e in source.examples("vqa", "test")]
+    assert set(val["ids"]).isdisjoint(test["ids"])
