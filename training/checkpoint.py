@@ -231,12 +231,16 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
 class LoadReport:
     """What :func:`load_model_weights` did: ``loaded`` keys, ``missing`` (in the model,
     not in the file), ``unexpected`` (in the file, not in the model), ``mismatched``
-    (same name, other shape: ``(key, file shape, model shape)``; skipped)."""
+    (same name, other shape: ``(key, file shape, model shape)``; skipped), ``grown``
+    (word-embedding tables with more rows in the model than in the file -- a
+    vocabulary grown by special tokens, e.g. UNITER's VCR tags -- whose first rows were loaded:
+    ``(key, file rows, model rows)``)."""
     source: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    grown: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __str__(self) -> str:
         def cut(keys: list) -> str:
@@ -247,6 +251,9 @@ class LoadReport:
             lines.append(f"  missing in the checkpoint ({len(self.missing)}, left as initialised): {cut(self.missing)}")
         if self.unexpected:
             lines.append(f"  unexpected in the checkpoint ({len(self.unexpected)}, ignored): {cut(self.unexpected)}")
+        if self.grown:
+            lines.append(f"  embedding tables grown ({len(self.grown)}, the checkpoint's rows loaded, new rows "
+                         "left as initialised): " + cut([f"{k} {a} -> {b} rows" for k, a, b in self.grown]))
         if self.mismatched:
             lines.append(f"  shape mismatch ({len(self.mismatched)}, skipped): " + cut(
                 [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]))
@@ -293,12 +300,25 @@ def load_model_weights(model: nn.Module, path: PathLike) -> LoadReport:
     sd = read_state_dict(path)
     own = model.state_dict()
     rep = LoadReport(source=str(path))
+    # vocabulary tables (BERT's word_embeddings in all four models); position and type
+    # tables are not grown this way
+    tables = {f"{name}.weight" for name, mod in model.named_modules()
+              if isinstance(mod, nn.Embedding) and name.split(".")[-1] == "word_embeddings"}
     usable = {}
     for k, v in sd.items():
         if k not in own:
             rep.unexpected.append(k)
         elif tuple(own[k].shape) != tuple(v.shape):
-            rep.mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
+            a, b = tuple(v.shape), tuple(own[k].shape)
+            if k in tables and len(a) == 2 and a[1] == b[1] and a[0] < b[0]:
+                # a grown vocabulary: the checkpoint's rows, the rest as initialised (UNITER's
+                # init_word_embedding / HF's resize_token_embeddings)
+                grown = own[k].clone()
+                grown[: a[0]] = v.to(grown.dtype)
+                usable[k] = grown
+                rep.grown.append((k, a[0], b[0]))
+            else:
+                rep.mismatched.append((k, a, b))
         else:
             usable[k] = v
     rep.missing = [k for k in own if k not in sd]

@@ -352,6 +352,31 @@ def test_init_checkpoint_loads_weights_non_strictly_with_a_report(tmp_path, caps
     assert float((job.model.enc[0].weight - src.enc[0].weight).detach().abs().max()) < 2.5e-3
 
 
+def test_init_checkpoint_into_a_grown_vocabulary_loads_the_old_rows(tmp_path):
+    """UNITER's VCR adds word rows for its object tags after pretraining: a pretrained
+    checkpoint with fewer rows fills the first rows of the grown table, the new rows keep
+    their initialisation, and the report says so; other shape mismatches stay skipped."""
+    from vlfast.models.uniter import Uniter, UniterConfig
+
+    cfg = UniterConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, img_dim=8, max_position_embeddings=32)
+    torch.manual_seed(0)
+    src = Uniter(cfg)
+    sd = dict(src.state_dict())
+    sd["embeddings.position_embeddings.weight"] = torch.zeros(16, 16)  # fewer rows, but not a vocabulary
+    torch.save(sd, tmp_path / "pre.pt")
+    torch.manual_seed(1)
+    dst = Uniter(cfg.replace(vocab_size=53, max_position_embeddings=40))
+    fresh = dst.embeddings.word_embeddings.weight.detach().clone()
+    rep = load_model_weights(dst, tmp_path / "pre.pt")
+    w = dst.embeddings.word_embeddings.weight
+    assert rep.grown == [("embeddings.word_embeddings.weight", 50, 53)]
+    assert torch.equal(w[:50], src.embeddings.word_embeddings.weight) and torch.equal(w[50:], fresh[50:])
+    assert ("embeddings.word_embeddings.weight", (50, 16), (53, 16)) not in rep.mismatched
+    assert ("embeddings.position_embeddings.weight", (16, 16), (40, 16)) in rep.mismatched
+    assert "embedding tables grown (1, the checkpoint's rows loaded" in str(rep)
+
+
 def test_determinism_flag_is_on_during_the_run_and_restored_after(tmp_path):
     seen = []
 
