@@ -12,7 +12,9 @@ A :class:`VLJob` is built from a :class:`~vlfast.training.config.TrainConfig`:
   store (``data.path``; uniter | vilbert | tsv | npz layouts) with UNITER-format text
   DBs (``data.options.txt_db`` / ``val_txt_db`` / ``test_txt_db``, ``vocab``: a WordPiece
   vocab file; for VCR also ``gt_img_db``: the ground-truth-box feature store whose
-  regions go before ``data.path``'s detected ones, see :class:`FeatureStoreSource`);
+  regions go before ``data.path``'s detected ones, see :class:`FeatureStoreSource`;
+  ``max_txt_len``: word pieces per text, 60 by default as UNITER's, longer texts left
+  out of the DB);
 * the model: ``model.name``/``size``/``config``; the model's vocabulary and region
   feature size follow the data.
 
@@ -330,6 +332,12 @@ class FeatureStoreSource(DataSource):
         if ans.is_file():
             a2l = json.loads(ans.read_text())
             self.answers = [a for a, _ in sorted(a2l.items(), key=lambda kv: kv[1])]
+        # data.options.max_txt_len: UNITER's max_txt_len (its TxtTokLmdb drops longer texts;
+        # 60 by default, 220 in its VCR configs)
+        max_len = opts.get("max_txt_len", max_len)
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 3:
+            _fail("data.options.max_txt_len", "an int >= 3 (word pieces per text, [CLS]/[SEP] included)",
+                  repr(max_len))
         self.max_len = max_len
         for name, v in (("model_vocab_size", model_vocab_size), ("max_positions", max_positions)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

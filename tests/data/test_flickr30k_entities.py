@@ -400,3 +400,16 @@ def test_grounding_submission_on_a_store_without_image_sizes_warns(world, tmp_pa
     rows = json.loads(path.read_text())
     boxes = [v for row in rows for v in row["box"]]  # [x, y, w, h]
     assert len(rows) > 0 and all(-1e-6 <= v <= 1 + 1e-6 for v in boxes)
+
+
+def test_max_txt_len_option_sets_the_text_budget(world):
+    from vlfast.training.jobs import FeatureStoreSource
+
+    opts = {"txt_db": str(world["db"]), "val_txt_db": str(world["val"]),
+            "vocab": str(world["base"] / "tok" / "vocab.txt")}
+    L = max(TxtDb(world["db"]).id2len.values())
+    a = FeatureStoreSource(str(world["store"]), {**opts, "max_txt_len": L + 2}).examples("phrase_grounding", "train")
+    b = FeatureStoreSource(str(world["store"]), opts, max_len=L + 2).examples("phrase_grounding", "train")
+    assert a == b and max(len(e["input_ids"]) for e in a) == L + 2
+    with pytest.raises(ValueError, match="data.options.max_txt_len: expected an int >= 3"):
+        FeatureStoreSource(str(world["store"]), {**opts, "max_txt_len": 2})
