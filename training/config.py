@@ -60,11 +60,16 @@ class ModelSection:
     """Which model to build.  ``name``: uniter | vilbert | vlbert | visualbert;
     ``size``: base | small (the model config's ``base()``/``small()``); ``config``:
     field overrides of that model config (e.g. ``{num_hidden_layers: 2}``);
-    ``padding_free``: run the packed (padding-free) path."""
+    ``padding_free``: run the packed (padding-free) path; ``objectives``: settings of
+    the pretraining objectives (the keyword arguments of
+    :func:`vlfast.training.pretrain.build_pretrain_model`: ``itm_ot_lambda`` (UNITER's
+    WRA weight, 0.1), ``wra``, ``wra_beta``, ``wra_iters``, ``mrc_skip_background``,
+    ``mrc_kl_reduction``, ``alignment_dropout``)."""
     name: str = "uniter"
     size: str = "small"
     config: dict[str, Any] = field(default_factory=dict)
     padding_free: bool = False
+    objectives: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -29,7 +29,12 @@ Task options, also under ``data.options`` (taken out before the source sees them
   of other images); ``retrieval_hard_negatives``: k > 0 keeps, per text, the k
   negatives the model scores highest (scored without gradient before each step,
   UNITER's hard-negative training) out of the drawn ones;
-* ``grounding_iou``: the IoU from which a region counts as showing a phrase (targets).
+* ``grounding_iou``: the IoU from which a region counts as showing a phrase (targets);
+* ``max_train_examples``: train on the first N examples of the train split (in the
+  source's order: the synthetic world's examples go image by image, so this is also
+  fewer images), as HF's ``max_train_samples``; ``null`` (the default) takes all.  The
+  low-data regime where pretraining matters most: pretrain on every image's captions,
+  fine-tune on a few images' questions.  Evaluation splits are never cut.
 
 VCR trains on its two sub-tasks mixed, as UNITER does: each item (a question, 4
 answers, 4 rationales) gives a Q->A sample (question + answer choice rows) and a QA->R
@@ -58,6 +63,7 @@ same batches.  Evaluation returns the same numbers on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -92,7 +98,7 @@ SYNTHETIC_EXAMPLES = {"vqa": "vqa", "nlvr2": "nlvr2", "vcr": "mc", "refcoco": "r
                       "phrase_grounding": "alignment"}
 # job-level task options read from data.options (see the module docstring), with defaults
 TASK_OPTIONS: dict[str, Any] = {"nlvr2_mode": None, "retrieval_negatives": 3, "retrieval_text_negatives": 0,
-                                "retrieval_hard_negatives": 0, "grounding_iou": 0.5}
+                                "retrieval_hard_negatives": 0, "grounding_iou": 0.5, "max_train_examples": None}
 
 
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -104,6 +110,17 @@ def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 def _fail(arg: str, expected: str, got: object) -> None:
     raise ValueError(f"VLJob: {arg}: expected {expected}, got {got}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Torch's CPU RNG seeded with ``seed`` inside, restored after: a job's model
+    initialisation is a function of ``config.seed`` alone (the same in every process
+    and on every rank; torch seeds its default generator randomly per process), and
+    building a job leaves the caller's RNG stream where it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed) % 2**63)
+        yield
 
 
 def _task_seed(seed: int, task: str) -> int:
@@ -598,9 +615,16 @@ class VLJob:
             for t in tasks:
                 if t not in PRETRAIN_COLLATE:
                     _fail("tasks", f"tasks of {sorted(PRETRAIN_COLLATE)} or one of {sorted(FINETUNE_COLLATE)}", t)
-            self.model: nn.Module = build_pretrain_model(name, model_cfg, tasks,
-                                                         num_region_classes=src.num_region_classes,
-                                                         padding_free=cfg.model.padding_free)
+            allowed = ("itm_ot_lambda", "wra", "wra_beta", "wra_iters", "mrc_skip_background", "mrc_kl_reduction",
+                       "alignment_dropout")
+            for k in cfg.model.objectives:
+                if k not in allowed:
+                    _fail(f"model.objectives.{k}", f"one of {allowed}", k)
+            with _seeded(cfg.seed):
+                self.model: nn.Module = build_pretrain_model(name, model_cfg, tasks,
+                                                             num_region_classes=src.num_region_classes,
+                                                             padding_free=cfg.model.padding_free,
+                                                             **dict(cfg.model.objectives))
         else:
             task = tasks[0]
             kw: dict[str, Any] = {"padding_free": cfg.model.padding_free}
@@ -634,7 +658,8 @@ class VLJob:
                 iou = self.options["grounding_iou"]
                 if not isinstance(iou, (int, float)) or not 0 < float(iou) <= 1:
                     _fail("data.options.grounding_iou", "a value in (0, 1]", repr(iou))
-            self.model = T.head_for(task, model_cfg, **kw)
+            with _seeded(cfg.seed):
+                self.model = T.head_for(task, model_cfg, **kw)
         self.model_name = name
         self.pad_id = tok.pad_id
         self._train: dict[str, _TaskData] = {}
@@ -680,6 +705,11 @@ class VLJob:
                 ex = self._one_phrase_examples(ex)
             if not ex:
                 _fail(f"data ({split} split)", f"examples for task {task!r}", "none")
+            cap = self.options["max_train_examples"]
+            if split == "train" and cap is not None:
+                if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+                    _fail("data.options.max_train_examples", "an int >= 1 or null", repr(cap))
+                ex = ex[:cap]
             if task == "vcr":  # items -> Q->A and QA->R samples (QA->R given every answer in evaluation)
                 ex = vcr_samples(ex, sep_id=self.source.tokenizer.sep_id,
                                  mode="train" if split == "train" else "eval",

@@ -21,7 +21,8 @@ from vlfast.training.loop import train
 
 SMALL = ["data.options.n_images=120", "data.batch_size=8", "data.eval_batch_size=32", "logging.every=2",
          "logging.progress=off", "checkpoint.every=0", "device=cpu", "logging.tensorboard=null",
-         "model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128"]
+         "model.config.hidden_size=64", "model.config.num_hidden_layers=2", "model.config.intermediate_size=128",
+         "optim.lr_multipliers={}"]  # default_vqa's head multiplier names vqa_output; other tasks switch it off
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +32,47 @@ def source():
 
 
 def test_default_run_quick_losses_fall(tmp_path):
-    """The shortened default (what CI runs): every stage's loss falls under a fixed seed."""
+    """The shortened default (what CI runs): under a fixed seed the MLM loss of
+    pretraining stage 2 and both VQA losses fall (stage 1's 40 ITM steps stay near
+    chance), with the scratch run in its own process (its output in
+    vqa_scratch/output.log)."""
     from vlfast.training.default import run_default
 
     res = run_default(tmp_path / "run", quick=True, seed=0,
                       overrides=("logging.progress=off", "logging.tensorboard=null", "device=cpu"), verbose=False)
+    # 40 ITM steps stay at chance (the loss is ITM's cross-entropy plus the small WRA term)
+    assert abs(res["itm_last_loss"] - math.log(2)) < 0.05 and abs(res["itm_first_loss"] - math.log(2)) < 0.05
     assert res["pretrain_last_loss"] < res["pretrain_first_loss"]
     assert res["vqa_pretrained_last_loss"] < res["vqa_pretrained_first_loss"]
     assert res["vqa_scratch_last_loss"] < res["vqa_scratch_first_loss"]
     assert 0.0 <= res["vqa_scratch"] <= 1.0 and 0.0 <= res["vqa_pretrained"] <= 1.0
-    for d in ("pretrain", "vqa_pretrained", "vqa_scratch"):
+    assert res["margin"] == pytest.approx(res["vqa_pretrained"] - res["vqa_scratch"])
+    for d in ("pretrain_itm", "pretrain", "vqa_pretrained", "vqa_scratch"):
         assert (tmp_path / "run" / d / "config.yaml").is_file()
+    assert "step 30/30" in (tmp_path / "run" / "vqa_scratch" / "output.log").read_text()
+    # stage 2 starts from stage 1's weights: its config records the ITM-only stage before it
+    assert load_config(str(tmp_path / "run" / "pretrain_itm" / "config.yaml")).tasks == {"itm": 1.0}
+
+
+def test_default_run_scratch_in_a_process_equals_sequential(tmp_path):
+    """The scratch fine-tuning gives the same numbers in the worker process as in this
+    one (both on one thread here, so the arithmetic is the same)."""
+    from vlfast.training.default import _finetune_scratch
+
+    cfg = load_config("default_vqa", SMALL + ["optim.total_steps=6", "eval.every=0", "checkpoint.best_metric=null",
+                                               "data.options.max_train_examples=64"])
+    import multiprocessing as mp
+
+    prev = torch.get_num_threads()
+    try:
+        here = _finetune_scratch(cfg, tmp_path / "here", 1, None)
+    finally:
+        torch.set_num_threads(prev)
+    with mp.get_context("spawn").Pool(1) as pool:
+        there = pool.apply(_finetune_scratch, (cfg, tmp_path / "there", 1, tmp_path / "there" / "output.log"))
+    assert there.step == here.step == 6
+    assert there.last_train["loss"] == pytest.approx(here.last_train["loss"], abs=1e-6)
+    assert there.last_eval["vqa_score"] == pytest.approx(here.last_eval["vqa_score"], abs=1e-9)
 
 
 @pytest.mark.parametrize("task", ["nlvr2", "vcr", "refcoco", "vqa"])
@@ -69,7 +100,9 @@ def test_pretraining_tasks_of_each_model(source, tmp_path):
     for name, tasks in (("visualbert", "{mlm: 1.0, sip: 1.0}"), ("vilbert", "{mlm: 1.0, masked_multimodal: 1.0, alignment: 1.0}"),
                         ("vlbert", "{mlm: 1.0, masked_roi: 1.0}")):
         ov = [o for o in SMALL if not o.startswith("model.config")]
-        cfg = load_config("default_pretrain", ov + [f"model.name={name}", f"tasks={tasks}", "optim.total_steps=3"])
+        # model.config={}: the model's own small size (the default config's sizes are UNITER's)
+        cfg = load_config("default_pretrain", ov + [f"model.name={name}", f"tasks={tasks}", "optim.total_steps=3",
+                                                    "model.config={}"])
         job = VLJob(cfg, source)
         res = train(job, cfg, tmp_path / name)
         assert math.isfinite(res.last_train["loss"]), name
@@ -189,3 +222,83 @@ def test_val_then_test_predictions_of_one_job_are_the_test_split(source):
     assert val["ids"] == [e["id"] for e in source.examples("vqa", "val")]
     assert test["ids"] == [e["id"] for e in source.examples("vqa", "test")]
     assert set(val["ids"]).isdisjoint(test["ids"])
+
+
+def test_max_train_examples_cuts_the_train_split_only(source):
+    """data.options.max_train_examples=N trains on the first N train examples (every
+    batch of an epoch comes from them) and leaves evaluation whole; a bad value names
+    the key."""
+    cfg = load_config("default_vqa", SMALL + ["data.options.max_train_examples=20", "data.batch_size=4"])
+    job = VLJob(cfg, source)
+    first = [e["id"] for e in source.examples("vqa", "train")[:20]]
+    td = job._task_data("vqa", "train")
+    assert [e["id"] for e in td.examples] == first
+    seen = sorted(i for b in job._batches_of_epoch(td, "vqa", 0) for i in b)
+    assert seen == list(range(20))  # 5 full batches of 4: every kept example, nothing past them
+    assert len(job._task_data("vqa", "val").examples) == len(source.examples("vqa", "val"))
+    full = VLJob(load_config("default_vqa", SMALL + ["data.batch_size=4"]), source)
+    assert len(full._task_data("vqa", "train").examples) == len(source.examples("vqa", "train")) > 20
+    for bad in ("0", "-3", "2.5", "true"):
+        job = VLJob(load_config("default_vqa", SMALL + [f"data.options.max_train_examples={bad}"]), source)
+        with pytest.raises(ValueError, match="data.options.max_train_examples: expected an int >= 1"):
+            job._task_data("vqa", "train")
+
+
+def test_model_objectives_reach_the_objectives(source):
+    """model.objectives sets the pretraining objectives' options (UNITER's WRA weight
+    here): the WRA loss is itm_ot_lambda times the OT term; unknown keys name the key."""
+    losses = {}
+    for lam in (0.1, 1.0):
+        cfg = load_config("default_pretrain",
+                          SMALL + ["tasks={itm: 1.0}", f"model.objectives={{itm_ot_lambda: {lam}}}"])
+        torch.manual_seed(0)
+        job = VLJob(cfg, source)
+        assert job.model.objectives["wra"].lam == lam
+        b = next(iter(job._eval_batches("itm", "val")))[1]
+        with torch.no_grad():
+            m = job.model.eval()(b, "itm").metrics
+        losses[lam] = (float(m["wra/loss"]), float(m["wra/ot"]))
+    assert losses[0.1][1] == pytest.approx(losses[1.0][1], abs=1e-6)  # same weights (seeded), same OT term
+    assert losses[1.0][0] == pytest.approx(1.0 * losses[1.0][1], rel=1e-5)
+    assert losses[0.1][0] == pytest.approx(0.1 * losses[0.1][1], rel=1e-5)
+    cfg = load_config("default_pretrain", SMALL + ["tasks={itm: 1.0}", "model.objectives={ot_lambda: 1.0}"])
+    with pytest.raises(ValueError, match=r"model.objectives.ot_lambda: expected one of \('itm_ot_lambda'"):
+        VLJob(cfg, source)
+
+
+def test_model_initialisation_is_a_function_of_the_seed(source):
+    """A job's model starts from the same weights whatever the global RNG state (torch
+    seeds it randomly per process), different ones for another config.seed, and building
+    the job leaves the global RNG where it was."""
+    def weights(seed: int, task: str = "vqa") -> list[torch.Tensor]:
+        base = "default_vqa" if task == "vqa" else "default_pretrain"
+        cfg = load_config(base, SMALL + [f"seed={seed}"] + ([] if task == "vqa" else [f"tasks={{{task}: 1.0}}"]))
+        return [p.detach().clone() for p in VLJob(cfg, source).model.parameters()]
+
+    for task in ("vqa", "itm"):
+        torch.manual_seed(123)
+        a = weights(0, task)
+        torch.manual_seed(456)
+        b = weights(0, task)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        c = weights(1, task)
+        assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    weights(0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_fresh_run_repeats_in_another_process(tmp_path):
+    """The same config in two fresh processes gives the same first losses (the model's
+    initialisation does not depend on the process's random torch seed)."""
+    losses = []
+    for k in range(2):
+        run = tmp_path / f"r{k}"
+        cmd = [sys.executable, "-P", "-m", "vlfast.train", "--config", "default_vqa", "--run-dir", str(run)] + SMALL + \
+              ["optim.total_steps=2", "logging.every=1", "eval.every=0", "eval.at_end=false"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in recs if r.get("kind") == "train"])
+    assert len(losses[0]) == 2 and losses[0] == losses[1]

@@ -17,7 +17,8 @@ from vlfast.training.config import load_config
 from vlfast.training.jobs import SyntheticSource, VLJob
 from vlfast.training.loop import train
 
-TINY = ["tasks={vcr: 1.0}", "device=cpu", "logging.progress=off", "logging.tensorboard=null", "logging.every=2",
+TINY = ["tasks={vcr: 1.0}", "optim.lr_multipliers={}", "device=cpu",
+        "logging.progress=off", "logging.tensorboard=null", "logging.every=2",
         "data.options.n_images=60", "data.options.feat_dim=32", "data.batch_size=8", "data.eval_batch_size=32",
         "model.config.hidden_size=32", "model.config.num_hidden_layers=1", "model.config.intermediate_size=64",
         "model.config.num_attention_heads=2", "optim.total_steps=4", "eval.every=0", "checkpoint.every=2",

@@ -31,7 +31,7 @@ RATIONALES = ["because it rains", "he is late", "the dog is happy", "the grass i
 SMALL = ["data.batch_size=4", "data.eval_batch_size=8", "logging.every=1", "logging.progress=off",
          "checkpoint.every=0", "device=cpu", "logging.tensorboard=null", "model.config.hidden_size=64",
          "model.config.num_hidden_layers=2", "model.config.intermediate_size=128", "eval.every=0",
-         "checkpoint.best_metric=null", "tasks={vcr: 1.0}"]
+         "checkpoint.best_metric=null", "tasks={vcr: 1.0}", "optim.lr_multipliers={}"]
 
 
 def _records(prefix: str, n_regions: int, seed: int, sized: bool) -> list[ImageRecord]:
