@@ -62,14 +62,17 @@ def _threads_split(parallel: bool) -> tuple[int, int]:
     return max(1, total - child), child
 
 
-def _finetune_scratch(vqa_cfg: TrainConfig, run_dir: Path, threads: int, log_path: Optional[Path]) -> TrainResult:
+def _finetune_scratch(vqa_cfg: TrainConfig, run_dir: Path, threads: int, log_path: Optional[Path],
+                      source: Optional[SyntheticSource] = None) -> TrainResult:
     """Step 4 on its own: fine-tune from scratch into ``run_dir`` with ``threads``
-    torch threads (in a worker process, its output to ``log_path``)."""
+    torch threads (in a worker process, its output to ``log_path``); ``source``: the
+    world already built in this process (a worker builds its own)."""
     import contextlib
     import torch
 
     torch.set_num_threads(threads)
-    source = SyntheticSource(vqa_cfg.data.options)
+    if source is None:
+        source = SyntheticSource(vqa_cfg.data.options)
     if log_path is None:
         return train(VLJob(vqa_cfg, source), vqa_cfg, run_dir)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,7 @@ def run_default(out_dir: Path, *, quick: bool = False, seed: int = 0, overrides:
             sc = scratch_async.get()  # re-raises the worker's exception
         else:
             say(f"\n[4/4] fine-tuning on VQA from scratch, {vqa_cfg.optim.total_steps} steps")
-            sc = _finetune_scratch(vqa_cfg, out_dir / "vqa_scratch", prev_threads, None)
+            sc = _finetune_scratch(vqa_cfg, out_dir / "vqa_scratch", prev_threads, None, source)
         ok = True
     finally:
         if pool is not None:
