@@ -9,8 +9,12 @@
   disagree, both sides are also normalised -- punctuation handled as the official
   ``processPunctuation`` (a mark next to a space, or any mark in a string with a
   digit-comma-digit, is deleted, others become spaces; a period not followed by a
-  digit is deleted), then lower-cased, number words zero..ten -> digits, articles a/an/the
-  dropped.  The official contraction table ("dont" -> "don't", ...) is not applied.
+  digit is deleted -- at most 32 of them, as the official ``periodStrip.sub`` call, whose
+  ``re.UNICODE`` lands in the ``count`` slot), then as ``processDigitArticle``: lower-cased
+  and split into words, number words none/zero..ten -> digits, articles a/an/the dropped,
+  then each remaining word looked up in the official contraction table (120 entries,
+  "dont" -> "don't", "whats" -> "what's", ...; its capitalised keys "Im", "Ive", "Id've",
+  "I'dve" never match a lower-cased word, as in the official script).
   :func:`vqa_soft_score` is the training-time score of UNITER/ViLBERT: the soft target
   of the argmax answer.
 * Accuracy (NLVR2, VCR, RefCOCO+ by region index): :func:`accuracy`; NLVR2's consistency:
@@ -54,6 +58,38 @@ _PERIOD = re.compile(r"\.(?!\d)")  # the official periodStrip in effect: a perio
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
+# the official ``contractions`` table of vqaEval.py, verbatim (120 entries, quirks kept: keys with capitals can
+# never match the lower-cased words, and "somebody'd" maps to "somebodyd")
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+_PERIOD_STRIP_COUNT = 32  # the official periodStrip.sub("", text, re.UNICODE): re.UNICODE (32) is sub's count
 
 
 def _punctuation(text: str) -> str:
@@ -64,17 +100,20 @@ def _punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _digits_articles(text: str) -> str:
-    words = [_NUMBERS.get(w, w) for w in text.lower().split() if w not in _ARTICLES]
-    return " ".join(words)
+    """The official ``processDigitArticle``: lower-case, split, number words -> digits,
+    drop articles, then map each remaining word through the contraction table."""
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
 def normalize_vqa_answer(answer: str) -> str:
-    """Whitespace, punctuation, number words and articles as the official evaluation
-    normalises them (see the module docstring; no contraction table)."""
+    """Whitespace, punctuation, number words, articles and contractions as the official
+    evaluation normalises them (see the module docstring)."""
     a = answer.replace("\n", " ").replace("\t", " ").strip()
     return _digits_articles(_punctuation(a))
 

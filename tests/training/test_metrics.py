@@ -49,6 +49,64 @@ def test_normalize_vqa_answer():
     assert M.normalize_vqa_answer("none") == "0"
 
 
+def test_normalize_vqa_answer_contractions():
+    # the official processDigitArticle: word by word, after number words / articles
+    assert M.normalize_vqa_answer("dont") == "don't"
+    assert M.normalize_vqa_answer("Isnt it?") == "isn't it"          # "?" -> space, lower-cased, then the table
+    assert M.normalize_vqa_answer("whats") == "what's"
+    assert M.normalize_vqa_answer("youll") == "you'll"
+    assert M.normalize_vqa_answer("i dont have two dogs") == "i don't have 2 dogs"
+    assert M.normalize_vqa_answer("The dog doesnt have a ball") == "dog doesn't have ball"
+    assert M.normalize_vqa_answer("Don't") == "don't"                 # already contracted: unchanged
+    # only whole words, and only what the table holds: "ill" is not in it, "Im" (capitalised key) never matches
+    assert M.normalize_vqa_answer("ill") == "ill"
+    assert M.normalize_vqa_answer("Im") == "im"
+    assert M.normalize_vqa_answer("dontcare") == "dontcare"
+    assert M.normalize_vqa_answer("somebody'd") == "somebodyd"       # the official table's own (reversed) entry
+
+
+def test_contraction_table_is_the_official_one():
+    import hashlib
+
+    table = M._CONTRACTIONS
+    assert len(table) == 120                                          # the official vqaEval.py count
+    # pinned content: sha256 of the sorted (key, value) pairs of the official table
+    digest = hashlib.sha256(json.dumps(sorted(table.items())).encode()).hexdigest()
+    assert digest == "3e5960526f62912d3b70896069c43c13d7c21be38d50ca28efbb9095b499454f"
+    assert {k: table[k] for k in ("aint", "couldn'tve", "couldnt've", "hadnt've", "let's", "oclock", "twas",
+                                  "'ows'at", "y'all'dve", "youve")} == {
+        "aint": "ain't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "hadnt've": "hadn't've",
+        "let's": "let's", "oclock": "o'clock", "twas": "'twas", "'ows'at": "'ow's'at", "y'all'dve": "y'all'd've",
+        "youve": "you've"}
+    capitalised = {"Id've", "I'dve", "Im", "Ive"}
+    assert {k for k in table if k != k.lower()} == capitalised
+    for key, value in table.items():
+        # every lower-case key maps to its value through the whole normalisation; the capitalised
+        # keys are dead in the official script too (words are lower-cased before the look-up)
+        assert M.normalize_vqa_answer(key) == (key.lower() if key in capitalised else value), key
+
+
+def test_period_strip_count_quirk():
+    # official periodStrip.sub("", text, re.UNICODE): re.UNICODE (32) is the count -> at most 32 periods go
+    assert M.normalize_vqa_answer("x." * 40) == "x" * 32 + "x." * 8
+
+
+def test_vqa_accuracy_credits_contractions():
+    gt = ["don't"] * 2 + ["dont"] + ["no"] * 7
+    # normalised (annotators disagree): 3 x "don't", 7 x "no".  A "don't" annotator sees 2 others
+    # (2/3), a "no" annotator sees 3 (1): (3 * 2/3 + 7 * 1) / 10 = 0.9
+    assert M.vqa_accuracy("dont", gt) == pytest.approx(0.9)
+    assert M.vqa_accuracy("don't", gt) == pytest.approx(0.9)
+    assert M.vqa_accuracy("Dont.", gt) == pytest.approx(0.9)
+    # 4 of 10 after normalisation: every annotator sees >= 3 others -> 1.0
+    assert M.vqa_accuracy("whats", ["what's"] * 2 + ["whats"] * 2 + ["x"] * 6) == pytest.approx(1.0)
+    # all 10 agree: no normalisation in the official script, so "dont" gets nothing
+    assert M.vqa_accuracy("dont", ["don't"] * 10) == 0.0
+    # soft targets: "dont" and "don't" are one answer (4 of 10 -> 1.0)
+    t = M.vqa_targets(["dont"] * 2 + ["don't"] * 2 + ["no"] * 6, {"don't": 0, "no": 1, "dont": 2})
+    torch.testing.assert_close(t, torch.tensor([1.0, 1.0, 0.0]))
+
+
 def test_vqa_score_and_targets():
     gts = {1: ["yes"] * 10, 2: ["red"] * 4 + ["blue"] * 6, 3: ["2"] * 1 + ["4"] * 9}
     preds = {1: "yes", 2: "red", 3: "2"}
