@@ -178,6 +178,7 @@ def check_attention_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, key_mask: O
             C.fail(op, mn, f"the device of {qn} ({q.device})", key_mask.device)
 
 
+@C.autocast_op()
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None, *,
               dropout_p: float = 0.0, scale: Optional[float] = None) -> Tensor:
     """Scaled dot-product attention with a key-padding mask and dropout.
@@ -291,6 +292,7 @@ def _varlen_backward(ctx, dout, dlse):
 varlen_attention_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
+@C.autocast_op()
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, dropout_p: float = 0.0,
                      scale: Optional[float] = None) -> Tensor:

@@ -91,6 +91,7 @@ def _backward(ctx, dout):
 bias_gelu_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+@C.autocast_op()
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
     """erf GELU of ``x + bias`` (BERT's intermediate activation after a bias-free matmul).
 

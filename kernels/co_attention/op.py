@@ -122,6 +122,7 @@ def _backward(ctx, dctx_t, dctx_v, dlse_t, dlse_v):
 co_attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+@C.autocast_op()
 def co_attention(q_t: Tensor, k_t: Tensor, v_t: Tensor, t_mask: Optional[Tensor], q_v: Tensor, k_v: Tensor,
                  v_v: Tensor, v_mask: Optional[Tensor], *, dropout_p: float = 0.0,
                  scale: Optional[float] = None) -> tuple[Tensor, Tensor]:

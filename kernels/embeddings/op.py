@@ -322,6 +322,7 @@ def _public_backend(op: str, x: Tensor) -> tuple[str, str]:
 # text_embeddings: public
 # ----------------------------------------------------------------------------------
 
+@C.autocast_op()
 def text_embeddings(input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor],
                     word_weight: Tensor, position_weight: Tensor, type_weight: Tensor, ln_weight: Tensor,
                     ln_bias: Tensor, *, padding_idx: Optional[int] = None, eps: float = 1e-12,
@@ -466,6 +467,7 @@ def _uniter_backward(ctx, dout, dstats):
 uniter_visual_embeddings_fwd.register_autograd(_uniter_backward, setup_context=_uniter_setup)
 
 
+@C.autocast_op()
 def uniter_visual_embeddings(img_proj: Tensor, pos_proj: Tensor, type_ids: Optional[Tensor], type_weight: Tensor,
                              img_ln_weight: Tensor, img_ln_bias: Tensor, pos_ln_weight: Tensor,
                              pos_ln_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, *, eps: float = 1e-12,
@@ -577,6 +579,7 @@ def _vilbert_backward(ctx, dout, dstats):
 vilbert_visual_embeddings_fwd.register_autograd(_vilbert_backward, setup_context=_vilbert_setup)
 
 
+@C.autocast_op()
 def vilbert_visual_embeddings(img_proj: Tensor, loc_proj: Tensor, ln_weight: Tensor, ln_bias: Tensor, *,
                               eps: float = 1e-12, dropout_p: float = 0.0) -> Tensor:
     """ViLBERT's region embeddings after its feature and location Linear layers
@@ -700,6 +703,7 @@ def _vlbert_backward(ctx, dout, dstats):
 vlbert_visual_embeddings_fwd.register_autograd(_vlbert_backward, setup_context=_vlbert_setup)
 
 
+@C.autocast_op()
 def vlbert_visual_embeddings(obj_hidden: Tensor, position_ids: Tensor, token_type_ids: Tensor, img_weight: Tensor,
                              position_weight: Tensor, type_weight: Tensor, visual_ln_weight: Tensor,
                              visual_ln_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, *,
@@ -854,6 +858,7 @@ def _visualbert_backward(ctx, dout, dstats):
 visualbert_visual_embeddings_fwd.register_autograd(_visualbert_backward, setup_context=_visualbert_setup)
 
 
+@C.autocast_op()
 def visualbert_visual_embeddings(visual_proj: Tensor, token_type_ids: Tensor, image_text_alignment: Optional[Tensor],
                                  type_weight: Tensor, visual_position_weight: Tensor, position_weight: Tensor,
                                  ln_weight: Tensor, ln_bias: Tensor, *, eps: float = 1e-12,

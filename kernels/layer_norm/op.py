@@ -20,9 +20,13 @@ request, so it runs where the forward ran.  On the ``reference`` backend the pub
 functions evaluate ``reference.py`` under torch's own autograd (no custom op): on CPU
 that is exactly the plain-torch code and as fast.
 
-Dtypes: x, residual, weight and bias may differ (autocast mixes them): the pre-norm
-sum has the promoted dtype of x and residual, the output the dtype ``F.layer_norm``
-gives -- the input's, or fp32 under CUDA autocast (layer_norm is on its fp32 list).
+Dtypes: outside autocast, x, residual, weight and bias may differ: the pre-norm sum
+has the promoted dtype of x and residual, the output the dtype of the normalised
+input.  Under autocast the ops' autocast rule (:func:`vlfast.kernels._common.autocast_op`)
+first casts every float input to the autocast dtype, so the output is in it (on CPU and
+CUDA alike; torch's own CUDA autocast would upcast ``layer_norm`` to fp32, flash-attn's
+and apex's fused LayerNorms keep the autocast dtype, as here) and the statistics stay
+fp32.
 """
 from __future__ import annotations
 
@@ -77,14 +81,6 @@ def use_reference(requested: str, device_type: str) -> bool:
     it; every other request goes to the custom op, which resolves it (and raises
     :class:`~vlfast._dispatch.BackendError` when a forced backend cannot run)."""
     return requested == "reference" or (requested == "auto" and device_type != "cuda")
-
-
-def out_dtype_of(dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """dtype of ``F.layer_norm`` on a ``dtype`` input: fp32 for fp16/bf16 under CUDA
-    autocast (layer_norm is on its fp32 list), else the input's."""
-    if device_type == "cuda" and torch.is_autocast_enabled("cuda") and dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return dtype
 
 
 def _stats_like(x: Tensor) -> Tensor:
@@ -249,6 +245,7 @@ def _check_affine(op: str, x: Tensor, weight: Tensor, bias: Tensor) -> int:
     return E
 
 
+@C.autocast_op()
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-12) -> Tensor:
     """LayerNorm over the last dim: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
@@ -257,7 +254,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-12) -
         weight, bias: (E,).
         eps: added to the (biased) variance.
     Returns:
-        (..., E) in the dtype ``F.layer_norm`` gives (x's; fp32 under CUDA autocast).
+        (..., E) in x's dtype (the autocast dtype under autocast).
     Statistics are fp32; the backward gives x, weight and bias gradients
     (deterministic: per-program partial sums, then a fixed-order reduction).
     """
@@ -267,11 +264,12 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-12) -
     requested = _dispatch.requested_backend()
     if use_reference(requested, x.device.type):
         return ref.layer_norm(x, weight, bias, eps)
-    out, _, _ = layer_norm_fwd(x.reshape(-1, E), weight, bias, eps, out_dtype_of(x.dtype, x.device.type),
+    out, _, _ = layer_norm_fwd(x.reshape(-1, E), weight, bias, eps, x.dtype,
                                requested)
     return out.view(x.shape)
 
 
+@C.autocast_op()
 def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, *, dropout_p: float = 0.0,
                            eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """``prenorm = dropout(x) + residual``; ``out = LayerNorm(prenorm)`` -- BERT's
@@ -285,7 +283,7 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
         eps: added to the variance.
     Returns:
         (out, prenorm): both (..., E); prenorm in the promoted dtype of x and residual,
-        out in the dtype ``F.layer_norm`` gives on prenorm.  The backward reads the
+        out in prenorm's dtype (both the autocast dtype under autocast).  The backward reads the
         saved prenorm and fp32 mean/rstd (no recompute of the sum) and gives x,
         residual, weight and bias gradients; a gradient into prenorm is added.
     """
@@ -305,5 +303,5 @@ def dropout_add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Te
         return ref.dropout_add_layer_norm(x, residual, weight, bias, eps, p, keep)
     pre_dtype = torch.promote_types(x.dtype, residual.dtype)
     out, pre, _, _ = dropout_add_layer_norm_fwd(x.reshape(-1, E), residual.reshape(-1, E), weight, bias, p, eps,
-                                                seed, 0, out_dtype_of(pre_dtype, x.device.type), requested)
+                                                seed, 0, pre_dtype, requested)
     return out.view(x.shape), pre.view(x.shape)

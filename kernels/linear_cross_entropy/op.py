@@ -323,17 +323,6 @@ def _check_flag(op: str, name: str, value: object) -> bool:
     return value
 
 
-def _autocast(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
-              ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Under autocast, the dtype ``F.linear`` would compute in (the custom op is not
-    autocast-aware; the reference path's ``F.linear`` casts by itself)."""
-    dt = hidden.device.type
-    if dt in ("cuda", "cpu") and torch.is_autocast_enabled(dt):
-        cast = torch.get_autocast_dtype(dt)
-        return hidden.to(cast), weight.to(cast), None if bias is None else bias.to(cast)
-    return hidden, weight, bias
-
-
 def use_reference(requested: str, hidden: Tensor) -> bool:
     """Whether a public function evaluates the reference directly (torch autograd, no
     custom op): the reference is forced, or ``auto`` where auto would pick it (not a CUDA
@@ -350,6 +339,7 @@ def _needs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[bool
     return hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
 
 
+@C.autocast_op()
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
                          ignore_index: int = -100, reduction: str = "mean",
                          return_argmax: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -396,12 +386,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         loss, argmax = ref.linear_cross_entropy_reference(hidden, weight, bias, labels, ignore_index=ignore_index,
                                                           reduction=red, return_argmax=return_argmax)
     else:
-        hidden, weight, bias = _autocast(hidden, weight, bias)
         loss, argmax, _, _, _ = linear_cross_entropy_fwd(hidden, weight, bias, labels, None, ignore_index, red,
                                                          False, *_needs(hidden, weight, bias), requested)
     return (loss, argmax) if return_argmax else loss
 
 
+@C.autocast_op(keep=("targets",))
 def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
                               reduction: str = "mean", kl: bool = False,
                               return_argmax: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -443,7 +433,6 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Ten
         loss, argmax = ref.linear_soft_cross_entropy_reference(hidden, weight, bias, targets, reduction=red, kl=kl,
                                                                return_argmax=return_argmax)
     else:
-        hidden, weight, bias = _autocast(hidden, weight, bias)
         t = targets.detach()
         if t.shape[0] and t.stride(1) != 1:
             t = t.contiguous()

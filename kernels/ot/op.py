@@ -187,6 +187,7 @@ def _check_int(op: str, name: str, value: object, lo: int) -> int:
     return int(value)
 
 
+@C.autocast_op("fp32")
 def ipot(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, beta: float = 0.5, n_iters: int = 50,
          k: int = 1) -> Tensor:
     """Inexact proximal-point optimal transport (IPOT) with UNITER's semantics.
@@ -209,6 +210,7 @@ def ipot(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, beta: float = 0.5, n_i
     return ipot_op(cost.detach(), x_mask, y_mask, beta, n_iters, k, _dispatch.requested_backend())
 
 
+@C.autocast_op("fp32")
 def sinkhorn(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, eps: float = 0.1, n_iters: int = 100,
              log_domain: Optional[bool] = None) -> Tensor:
     """Entropic OT (Sinkhorn-Knopp) with uniform marginals over the real entries.
@@ -230,6 +232,7 @@ def sinkhorn(cost: Tensor, x_mask: Tensor, y_mask: Tensor, *, eps: float = 0.1, 
     return sinkhorn_op(cost.detach(), x_mask, y_mask, eps, n_iters, mode, _dispatch.requested_backend())
 
 
+@C.autocast_op("fp32")
 def wra_distance(txt_emb: Tensor, img_emb: Tensor, txt_mask: Tensor, img_mask: Tensor, *, beta: float = 0.5,
                  n_iters: int = 50, k: int = 1) -> Tensor:
     """UNITER's word-region alignment distance.

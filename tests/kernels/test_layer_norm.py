@@ -136,11 +136,28 @@ def test_mixed_dtypes_as_autocast_makes_them():
     assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
 
 
-def test_layer_norm_out_is_fp32_under_cuda_autocast_only():
-    assert lop.out_dtype_of(torch.bfloat16, "cpu") == torch.bfloat16
-    assert lop.out_dtype_of(torch.float32, "cuda") == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lop.out_dtype_of(torch.bfloat16, "cpu") == torch.bfloat16  # CPU autocast keeps layer_norm in bf16
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_under_autocast_the_inputs_are_cast_and_the_output_is_the_autocast_dtype(backend):
+    """The ops' autocast rule: fp32 parameters (and an fp32 residual) are cast to the
+    autocast dtype, the op computes in it with fp32 statistics; gradients come back in
+    each input's own dtype."""
+    x, r, w, b, do, dpre = make((19,), 96, seed=4)
+    xb = x.bfloat16()
+    for dt in (torch.bfloat16, torch.float16):
+        xs, rs, ws, bs = (t.clone().requires_grad_(True) for t in (xb, r, w, b))
+        with ops.backend(backend), torch.autocast("cpu", dtype=dt):
+            out, pre = ops.dropout_add_layer_norm(xs, rs, ws, bs)
+            ln = ops.layer_norm(xs, ws, bs)
+        assert out.dtype == pre.dtype == ln.dtype == dt
+        want_pre = xb.to(dt) + r.to(dt)
+        want = torch.nn.functional.layer_norm(want_pre.float(), (96,), w.to(dt).float(), b.to(dt).float(), eps=1e-12)
+        torch.testing.assert_close(pre, want_pre, rtol=0, atol=0)
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(ln.float(), torch.nn.functional.layer_norm(
+            xb.to(dt).float(), (96,), w.to(dt).float(), b.to(dt).float(), eps=1e-12), atol=2e-2, rtol=1e-2)
+        gs = torch.autograd.grad((out.float() * do).sum() + (ln.float() * do).sum(), (xs, rs, ws, bs))
+        assert [g.dtype for g in gs] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+        assert all(torch.isfinite(g).all() for g in gs)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
