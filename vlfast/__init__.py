@@ -3,7 +3,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _dispatch
+import sys as _sys
+
+from . import _source_tree
+
+_source_tree.mount(_sys.modules[__name__])  # a checkout's vlfast/: mount kernels/, training/ and the built _C
+
+from . import _dispatch  # noqa: E402
 
 _dispatch.health_check()
 

@@ -29,10 +29,11 @@ def collect() -> dict[str, Any]:
     import torch
 
     import vlfast
-    from vlfast import _dispatch
+    from vlfast import _dispatch, _source_tree
 
     info: dict[str, Any] = {
         "versions": {"python": platform.python_version(), "vlfast": vlfast.__version__, "torch": torch.__version__},
+        "imported_from": _source_tree.describe(),
         "platform": platform.platform(),
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -78,6 +79,7 @@ def render(info: dict[str, Any]) -> str:
     lines = ["vlfast " + v["vlfast"],
              f"  python {v['python']}, torch {v['torch']}, triton {v['triton'] or 'not importable'}",
              f"  platform {info['platform']}",
+             f"  imported from: {info['imported_from']}",
              f"  CUDA available: {info['cuda_available']}" + (f" ({info['gpu']})" if info["gpu"] else ""),
              "", "build"]
     b = info["build"]
