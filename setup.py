@@ -278,5 +278,12 @@ setup(
         # Nothing to install: the CUDA kernels are compiled into vlfast._C when nvcc is present.
         "cuda": [],
     },
+    # next to `python -m vlfast.<tool>`: each calls the module's main(argv=None) -> exit code
+    entry_points={"console_scripts": [
+        "vlfast-train = vlfast.train:main",
+        "vlfast-evaluate = vlfast.evaluate:main",
+        "vlfast-convert = vlfast.convert:main",
+        "vlfast-info = vlfast.info:main",
+    ]},
     zip_safe=False,
 )

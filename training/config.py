@@ -15,8 +15,8 @@ defaults below; a YAML file sets any subset of them, and ``key=value`` overrides
 * Override values are parsed as YAML (``3`` int, ``1e-4``/``0.5`` float,
   ``true`` bool, ``null`` None, ``[0.9, 0.98]`` list, ``{mlm: 1}`` mapping) and then
   checked against the field's type.
-* A key that names no field raises ``ConfigError`` naming the key and the valid
-  keys at that level.  Mapping fields (``tasks``, ``optim.lr_multipliers``,
+* A key that names no field raises ``ConfigError`` (a :class:`UserError` and a
+  ``ValueError``) naming the key and the valid keys at that level.  Mapping fields (``tasks``, ``optim.lr_multipliers``,
   ``model.config``, ``data.options``) take any sub-key; the whole rest of a dotted
   key is one sub-key there, so ``optim.lr_multipliers.uniter.embeddings=0.5`` sets
   the multiplier of the prefix ``uniter.embeddings``.
@@ -47,7 +47,14 @@ PROGRESS = ("auto", "on", "off")
 BEST_MODES = ("max", "min")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user asked for -- a flag, a config key or value, a model,
+    task or config name, a missing file -- as opposed to a bug.  The command-line tools
+    (``python -m vlfast.train`` / ``vlfast.evaluate`` / ``vlfast.convert``) print its
+    message as one line on stderr and exit 2 (``--debug`` adds the traceback)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid (the message names the key)."""
 
 

@@ -29,6 +29,7 @@ from .loop import TrainResult, train
 QUICK = {"data.options.n_images": 300, "optim.total_steps": 40, "logging.every": 10, "checkpoint.every": 0,
          "data.eval_batch_size": 64}
 QUICK_VQA = {"optim.total_steps": 30, "eval.every": 0}
+STAGE_DIRS = ("pretrain_itm", "pretrain", "vqa_pretrained", "vqa_scratch")  # run directories under out_dir
 
 
 def _overrides(d: dict[str, Any]) -> list[str]:
@@ -80,6 +81,17 @@ def _finetune_scratch(vqa_cfg: TrainConfig, run_dir: Path, threads: int, log_pat
         return train(VLJob(vqa_cfg, source), vqa_cfg, run_dir)
 
 
+def default_configs(*, quick: bool = False, seed: int = 0, overrides: tuple[str, ...] = ()) -> dict[str, TrainConfig]:
+    """The resolved configs of the default run's stages: ``{"pretrain_itm", "pretrain",
+    "vqa"}`` (``vqa`` serves both fine-tunings) -- ``overrides`` apply to every stage,
+    after ``seed`` and the ``quick`` shortening."""
+    extra = _overrides(QUICK) if quick else []
+    common = [f"seed={seed}", *overrides]
+    return {"pretrain_itm": load_config("default_pretrain_itm", extra + common),
+            "pretrain": load_config("default_pretrain", extra + common),
+            "vqa": load_config("default_vqa", extra + (_overrides(QUICK_VQA) if quick else []) + common)}
+
+
 def run_default(out_dir: Path, *, quick: bool = False, seed: int = 0, overrides: tuple[str, ...] = (),
                 verbose: bool = True, parallel: bool = True) -> dict[str, Any]:
     """Run the four trainings into ``out_dir`` (pretrain_itm/, pretrain/,
@@ -97,11 +109,8 @@ def run_default(out_dir: Path, *, quick: bool = False, seed: int = 0, overrides:
 
     say = print if verbose else (lambda *a, **k: None)
     out_dir = Path(out_dir)
-    extra = _overrides(QUICK) if quick else []
-    common = [f"seed={seed}", *overrides]
-    itm_cfg: TrainConfig = load_config("default_pretrain_itm", extra + common)
-    pre_cfg: TrainConfig = load_config("default_pretrain", extra + common)
-    vqa_cfg: TrainConfig = load_config("default_vqa", extra + (_overrides(QUICK_VQA) if quick else []) + common)
+    cfgs = default_configs(quick=quick, seed=seed, overrides=overrides)
+    itm_cfg, pre_cfg, vqa_cfg = cfgs["pretrain_itm"], cfgs["pretrain"], cfgs["vqa"]
     t0 = time.time()
     source = SyntheticSource(pre_cfg.data.options)
     n_vqa = len(source.examples("vqa", "train"))

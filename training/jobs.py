@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import signal
@@ -84,9 +85,9 @@ from vlfast.data.tokenization import VLTokenizer
 
 from . import metrics as M
 from . import tasks as T
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .loop import StepOutput
-from .pretrain import build_pretrain_model, make_config
+from .pretrain import MODEL_TASKS, build_pretrain_model, make_config
 
 # pretraining task (objective) -> the collator task that prepares its batches
 PRETRAIN_COLLATE = {"mlm": "mlm", "itm": "itm", "sip": "itm", "alignment": "itm", "mrfr": "mrfr", "mrc": "mrc",
@@ -110,6 +111,39 @@ def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 def _fail(arg: str, expected: str, got: object) -> None:
     raise ValueError(f"VLJob: {arg}: expected {expected}, got {got}")
+
+
+SOURCES = ("synthetic", "uniter", "vilbert", "tsv", "npz")
+
+
+def check_names(cfg: TrainConfig, check_source: bool = True) -> None:
+    """``model.name``, ``tasks`` and ``data.source`` of ``cfg`` against the registries
+    (:data:`~vlfast.training.pretrain.MODEL_TASKS`, :data:`~vlfast.training.tasks.HEADS`),
+    before anything is built: a ConfigError naming the key and listing the valid names.
+    VLJob calls it first (``check_source=False`` when it is handed a source); the
+    command-line tools call it right after loading a config."""
+    name, tasks = cfg.model.name, list(cfg.tasks)
+    if name not in MODEL_TASKS:
+        raise ConfigError(f"model.name: expected one of {sorted(MODEL_TASKS)}, got {name!r}")
+    pre = sorted(t for t in MODEL_TASKS[name] if t in PRETRAIN_COLLATE)
+    fine = sorted(t for t in FINETUNE_COLLATE if name in T.HEADS.get(t, {}))
+    for t in tasks:
+        if t in pre:
+            continue
+        if t in FINETUNE_COLLATE and t not in fine:
+            raise ConfigError(f"tasks: {t!r} needs model.name among {sorted(T.HEADS.get(t, {}))} (the models whose "
+                              f"official code has a {t} head), got {name!r}")
+        if t not in FINETUNE_COLLATE:
+            close = difflib.get_close_matches(t, pre + fine, n=1)
+            others = sorted(m for m, table in MODEL_TASKS.items() if t in table)
+            hint = (f" (did you mean {close[0]!r}?)" if close
+                    else f" ({t!r} is a task of {', '.join(others)})" if others else "")
+            raise ConfigError(f"tasks: expected pretraining tasks of {name} {pre} or one fine-tuning task of "
+                              f"{fine}, got {t!r}{hint}")
+    if any(t in FINETUNE_COLLATE for t in tasks) and len(tasks) > 1:
+        raise ConfigError(f"tasks: expected pretraining tasks, or exactly one fine-tuning task, got {tasks}")
+    if check_source and cfg.data.source not in SOURCES:
+        raise ConfigError(f"data.source: expected one of {list(SOURCES)}, got {cfg.data.source!r}")
 
 
 @contextlib.contextmanager
@@ -593,6 +627,7 @@ class VLJob:
     data source.  Implements the :class:`~vlfast.training.loop.Job` protocol."""
 
     def __init__(self, cfg: TrainConfig, source: Optional[DataSource] = None, rank: int = 0, world_size: int = 1):
+        check_names(cfg, check_source=source is None)  # before the data source is built
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.options = split_options(cfg.data.options)[1]
@@ -1035,4 +1070,4 @@ class VLJob:
 
 
 __all__ = ["VLJob", "DataSource", "SyntheticSource", "FeatureStoreSource", "VcrImages", "make_source",
-           "PRETRAIN_COLLATE", "FINETUNE_COLLATE"]
+           "check_names", "PRETRAIN_COLLATE", "FINETUNE_COLLATE", "SOURCES"]

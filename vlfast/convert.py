@@ -1,14 +1,16 @@
-"""``python -m vlfast.convert --model {visualbert,vlbert,vilbert,uniter} --src PATH --out DIR``
+"""``python -m vlfast.convert --model {visualbert,vlbert,vilbert,uniter} --src PATH --out DIR`` (or ``vlfast-convert``)
 
 Converts a checkpoint in the model's official layout (UNITER ``uniter.*``, ViLBERT
 ``bert.*`` with ``v_layer``/``c_layer``, VL-BERT ``vlbert.*`` with or without
 ``module.``, VisualBERT in HF's layout) into vlfast's format (``config.json`` +
 ``model.safetensors``, loadable with ``<Model>.from_pretrained(DIR)``), and lists every
 unmatched key both ways: our parameters the source lacked, and source keys not used.
+A user error (a missing or unreadable file, a checkpoint that does not fit the model)
+prints one line ``vlfast.convert: <message>`` on stderr and exits 2 (``--debug``: with
+the traceback).
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -33,19 +35,41 @@ def convert(model: str, src: str, out: str, config: Optional[str] = None):
     return net, report
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vlfast.convert", description=__doc__.splitlines()[0])
+def _main(argv: list[str]) -> int:
+    import pickle
+
+    from vlfast.train import ArgParser, one_line, prog_name, user_errors
+    from vlfast.training.config import UserError
+
+    ap = ArgParser(prog=prog_name("vlfast.convert", "vlfast-convert"), description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, choices=sorted(MODELS))
     ap.add_argument("--src", required=True, help="official checkpoint (.pt/.pth/.bin/.ckpt/.safetensors)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--config", help="config JSON of ours (default: inferred from the checkpoint's shapes)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     args = ap.parse_args(argv)
     if not Path(args.src).is_file():
-        ap.error(f"--src: expected an existing file, got {args.src}")
-    _, report = convert(args.model, args.src, args.out, args.config)
+        raise UserError(f"--src: expected an existing file, got {args.src}")
+    if args.config is not None and not Path(args.config).is_file():
+        raise UserError(f"--config: expected an existing JSON file, got {args.config}")
+    # reading and mapping the user's files: a checkpoint of another model, an unreadable
+    # file or a config that does not fit it are the user's errors
+    with user_errors():
+        try:
+            _, report = convert(args.model, args.src, args.out, args.config)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"--src: cannot read {args.src}: {one_line(e)}") from e
     print(f"wrote {args.out} (config.json, model.safetensors)")
     print(report)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line -> the exit code: 0 done, 1 a failure, 2 a user error (one line
+    on stderr; ``--debug`` adds the traceback)."""
+    from vlfast.train import run_cli
+
+    return run_cli("vlfast.convert", _main, argv)
 
 
 if __name__ == "__main__":

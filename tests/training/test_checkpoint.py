@@ -61,7 +61,7 @@ def test_atomic_save_keeps_the_previous_file_when_the_write_dies(tmp_path, monke
 def test_a_crash_while_writing_a_checkpoint_in_the_loop_leaves_the_last_one_usable(tmp_path, monkeypatch):
     """The step-8 checkpoint write dies: step 4's stays the latest, intact, and resuming
     from it reproduces the uninterrupted run."""
-    cfg = load_config("tiny_test", ["logging.tensorboard=null", "checkpoint.every=4"])
+    cfg = load_config(toy.TOY_CONFIG, ["logging.tensorboard=null", "checkpoint.every=4"])
     straight = toy.ToyJob(rng_noise=True)
     train(straight, cfg, tmp_path / "a")
 
@@ -136,7 +136,7 @@ CHILD = textwrap.dedent("""
     toy = importlib.util.module_from_spec(spec); sys.modules["toy"] = toy; spec.loader.exec_module(toy)
     from vlfast.training.config import load_config
     from vlfast.training.loop import train
-    cfg = load_config("tiny_test", sys.argv[4:])
+    cfg = load_config(toy.TOY_CONFIG, sys.argv[4:])
     job = toy.ToyJob(rng_noise=True, sleep_s=0.02, marker=sys.argv[3], marker_after=6)
     train(job, cfg, sys.argv[2])
     print("FINISHED", flush=True)
@@ -168,7 +168,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_run_resumes(tmp_path):
     steps = [s for s, _ in ck.list_checkpoints(run)]
     assert len(steps) == 1 and 3 <= steps[0] < 40, (steps, out)
 
-    cfg = load_config("tiny_test", overrides)
+    cfg = load_config(toy.TOY_CONFIG, overrides)
     resumed = toy.ToyJob(rng_noise=True)
     train(resumed, cfg, run, resume=True)
     straight = toy.ToyJob(rng_noise=True)

@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
     from vlfast.training.config import load_config
     from vlfast.training.loop import train
     job = toy.ToyJob(batch_size=2)
-    train(job, load_config("tiny_test", sys.argv[3:]), sys.argv[2])
+    train(job, load_config(toy.TOY_CONFIG, sys.argv[3:]), sys.argv[2])
     assert not dist.is_initialized()  # train() created the process group, so it destroys it
     print(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: {job.calls} steps", flush=True)
 """)
@@ -73,7 +73,7 @@ def test_two_gloo_processes_equal_one_process_at_the_same_global_batch(tmp_path)
     assert "rank 0 of 2: 12 steps" in p.stdout and "rank 1 of 2: 12 steps" in p.stdout, p.stdout + p.stderr
 
     single = toy.ToyJob(batch_size=4)  # the global batch of 2 ranks x 2 samples
-    train(single, load_config("tiny_test", overrides), tmp_path / "one")
+    train(single, load_config(toy.TOY_CONFIG, overrides), tmp_path / "one")
 
     ddp_ck = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "step_00000006.pt")
     assert ddp_ck["world_size"] == 2 and len(ddp_ck["rng"]) == 2 and len(ddp_ck["data"]) == 2

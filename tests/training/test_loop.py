@@ -38,7 +38,7 @@ QUIET = ["logging.tensorboard=null"]
 
 
 def tiny(*overrides: str) -> TrainConfig:
-    return load_config("tiny_test", [*QUIET, *overrides])
+    return load_config(toy.TOY_CONFIG, [*QUIET, *overrides])
 
 
 def records(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -223,7 +223,7 @@ def test_amp_fp16_uses_a_grad_scaler(tmp_path):
 
 def test_jsonl_tensorboard_and_best_checkpoint(tmp_path):
     job = toy.ToyJob(eval_scores=[0.1, 0.5, 0.3])
-    cfg = load_config("tiny_test", ["checkpoint.best_metric=score", "checkpoint.best_mode=max"])
+    cfg = load_config(toy.TOY_CONFIG, ["checkpoint.best_metric=score", "checkpoint.best_mode=max"])
     res = train(job, cfg, tmp_path)
     recs = records(tmp_path)
     assert [r["step"] for r in recs] == [2, 4, 6, 8, 10, 12]
@@ -437,19 +437,19 @@ def test_job_contract_errors(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 def test_config_file_overrides_and_round_trip(tmp_path):
-    cfg = load_config("tiny_test", ["optim.lr=1e-4", "optim.total_steps=20", "tasks.mlm=2",
+    cfg = load_config(toy.TOY_CONFIG, ["optim.lr=1e-4", "optim.total_steps=20", "tasks.mlm=2",
                                     "optim.lr_multipliers.uniter.img_embeddings=2", "amp=bf16",
                                     "optim.betas=[0.8, 0.9]", "checkpoint.best_metric=vqa_score",
                                     "data.path=null", "model={name: vilbert, size: base}",
                                     "model.config.num_hidden_layers=2", "logging.progress=off"])
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)      # "1e-4" is a str to PyYAML
-    assert cfg.optim.total_steps == 20 and cfg.warmup_steps == 2         # from tiny_test
+    assert cfg.optim.total_steps == 20 and cfg.warmup_steps == 2         # from toy.yaml
     assert cfg.tasks == {"reg": 1.0, "cls": 1.0, "mlm": 2.0}
     assert cfg.optim.lr_multipliers == {"uniter.img_embeddings": 2.0}
     assert cfg.amp == "bf16" and cfg.optim.betas == (0.8, 0.9)
     assert cfg.model.name == "vilbert" and cfg.model.size == "base" and cfg.model.config == {"num_hidden_layers": 2}
     assert cfg.logging.progress == "off" and cfg.data.path is None
-    assert cfg.data.batch_size == 4 and cfg.seed == 0                   # tiny_test values
+    assert cfg.data.batch_size == 4 and cfg.seed == 0                   # toy.yaml values
     assert cfg.distributed.timeout_s == 1800                            # a schema default
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
@@ -475,12 +475,12 @@ def test_config_file_overrides_and_round_trip(tmp_path):
 ])
 def test_config_override_errors(override, message):
     with pytest.raises(ConfigError) as e:
-        load_config("tiny_test", [override])
+        load_config(toy.TOY_CONFIG, [override])
     assert message in str(e.value)
 
 
 def test_config_file_errors_and_extends(tmp_path):
-    (tmp_path / "base.yaml").write_text("extends: tiny_test\noptim: {lr: 0.5}\n")
+    (tmp_path / "base.yaml").write_text(f"extends: {toy.TOY_CONFIG}\noptim: {{lr: 0.5}}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntasks: {vqa: 1}\noptim: {total_steps: 7}\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.tasks == {"vqa": 1.0}  # a file's tasks replace the base's mixture

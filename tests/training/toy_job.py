@@ -1,7 +1,8 @@
 """A tiny Job for the loop tests: a 2-layer MLP with two task heads on synthetic tensors.
 
 Loaded by path (``load_toy()``) from the test files and from the subprocess scripts
-(torchrun children, the SIGTERM child), so it needs no package of its own.
+(torchrun children, the SIGTERM child), so it needs no package of its own.  Its config
+is ``toy.yaml`` next to it (:data:`TOY_CONFIG`, loaded by path).
 
 * Data: ``n`` samples ``x`` (n, 6); task ``reg`` regresses ``y`` (n,), task ``cls``
   classifies ``c`` (n,) into 3 classes.  ``train_batches(task, epoch, start)`` shuffles
@@ -31,6 +32,7 @@ from torch import nn
 from vlfast.training.loop import StepOutput
 
 TASKS = ("reg", "cls")
+TOY_CONFIG = Path(__file__).with_name("toy.yaml")  # the toy job's config, loaded by path (not a shipped config)
 
 
 class ToyModel(nn.Module):
