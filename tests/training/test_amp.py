@@ -206,3 +206,24 @@ def test_ops_follow_the_autocast_rule():
     with pytest.raises(ValueError, match="type_weight: expected dtype bfloat16"):
         ops.uniter_visual_embeddings(x.bfloat16(), x.bfloat16(), None, torch.randn(2, E), w.bfloat16(), b.bfloat16(),
                                      w.bfloat16(), b.bfloat16(), w.bfloat16(), b.bfloat16())
+
+
+def test_the_autocast_rule_traces_under_torch_compile():
+    """torch.compile(fullgraph=True) traces the rule (the cast and the autocast-off
+    body) inside an autocast region, with the same numbers as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+    w, b = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+
+    def f(x, w, b):
+        h = torch.nn.functional.linear(x, torch.eye(8))
+        return ops.layer_norm(h, w, b), ops.attention(*(h.view(1, 1, 4, 8),) * 3)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compiled(x, w, b), f(x, w, b)
+    for g, e in zip(got, want):
+        assert g.dtype == e.dtype == torch.bfloat16
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    got[0].float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
