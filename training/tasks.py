@@ -303,6 +303,23 @@ class SimpleClassifier(nn.Module):
         return self.logit_fc(x)
 
 
+class ScoreLinear(nn.Linear):
+    """A Linear that ranks: its output is computed in fp32, also under autocast.
+
+    Retrieval and region scores are compared across many candidates (argmax, recall@k);
+    in bf16 (8 mantissa bits) near-equal scores round to ties, and a tie-breaking rule
+    then decides the metric.  The inputs (half under autocast) are read in fp32 and the
+    small (E, 1) projection runs in fp32, so distinct states give distinct scores.  The
+    parameters and their names are those of ``nn.Linear`` (checkpoints are unchanged)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            with torch.autocast(device_type=dev, enabled=False):
+                return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        return super().forward(x)
+
+
 class PredictionHeadTransform(nn.Module):
     """BERT's ``BertPredictionHeadTransform``: dense, GELU, LayerNorm.  (..., E) -> (..., E)."""
 
@@ -1048,9 +1065,9 @@ class UniterForRefCOCO(RegionScoringHead):
         self.loss_type, self.margin, self.hard_ratio = loss, float(margin), float(hard_ratio)
         self.head_config.update(loss=loss, mlp=mlp, margin=margin, hard_ratio=hard_ratio)
         if mlp == 1:
-            self.re_output = nn.Linear(E, 1)
+            self.re_output = ScoreLinear(E, 1)
         elif mlp == 2:
-            self.re_output = nn.Sequential(nn.Linear(E, E), nn.GELU(), nn.LayerNorm(E, eps=1e-12), nn.Linear(E, 1))
+            self.re_output = nn.Sequential(nn.Linear(E, E), nn.GELU(), nn.LayerNorm(E, eps=1e-12), ScoreLinear(E, 1))
         else:
             _fail(name, "mlp", "1 or 2", mlp)
         init_bert_weights(self.re_output, self.config.initializer_range)
@@ -1106,7 +1123,7 @@ class ViLBertForRefCOCO(RegionScoringHead):
         task_id = self.default_task_id if task_id is None else task_id
         self.head_config.update(dropout_prob=dropout_prob, task_id=task_id)
         self.dropout = nn.Dropout(dropout_prob)
-        self.vision_logit = nn.Linear(self.config.v_hidden_size, 1)
+        self.vision_logit = ScoreLinear(self.config.v_hidden_size, 1)
         init_bert_weights(self.vision_logit, self.config.initializer_range)
 
     def forward(self, batch: VLBatch) -> TaskOutput:
@@ -1147,7 +1164,7 @@ class VLBertForRefCOCO(RegionScoringHead):
         super().__init__(backbone_or_config, padding_free=padding_free)
         E = self.config.hidden_size
         self.head_config["classifier_dropout"] = classifier_dropout
-        self.final_mlp = nn.Sequential(DenseGelu(E), nn.Dropout(classifier_dropout), nn.Linear(E, 1))
+        self.final_mlp = nn.Sequential(DenseGelu(E), nn.Dropout(classifier_dropout), ScoreLinear(E, 1))
         _init_xavier(self.final_mlp)
 
     def forward(self, batch: VLBatch) -> TaskOutput:
@@ -1345,7 +1362,7 @@ class UniterForRetrieval(RetrievalHead):
         super().__init__(backbone_or_config, padding_free=padding_free)
         self.margin = float(margin)
         self.head_config["margin"] = margin
-        self.rank_output = nn.Linear(self.config.hidden_size, 1)
+        self.rank_output = ScoreLinear(self.config.hidden_size, 1)
         init_bert_weights(self.rank_output, self.config.initializer_range)
 
     @torch.no_grad()
@@ -1384,7 +1401,7 @@ class ViLBertForRetrieval(RetrievalHead):
         super().__init__(backbone_or_config, padding_free=padding_free)
         self.head_config.update(dropout_prob=dropout_prob, task_id=task_id)
         self.dropout = nn.Dropout(dropout_prob)
-        self.vil_logit = nn.Linear(self.config.bi_hidden_size, 1)
+        self.vil_logit = ScoreLinear(self.config.bi_hidden_size, 1)
         init_bert_weights(self.vil_logit, self.config.initializer_range)
 
     def row_scores(self, batch: VLBatch) -> Tensor:
@@ -1422,7 +1439,7 @@ def head_for(task: str, backbone_or_config: Union[PretrainedModel, ModelConfig],
 
 
 __all__ = ["TaskOutput", "TaskHead", "Groups", "group_rows", "select_rows", "load_answer_map", "extend_token_types",
-           "SimpleClassifier", "AttentionPool", "RegionToPhraseAttention", "UniterForVQA", "ViLBertForVQA",
+           "SimpleClassifier", "ScoreLinear", "AttentionPool", "RegionToPhraseAttention", "UniterForVQA", "ViLBertForVQA",
            "VisualBertForVQA", "VLBertForVQA", "UniterForNLVR2", "ViLBertForNLVR2", "VisualBertForNLVR2",
            "UniterForVCR", "ViLBertForVCR", "VisualBertForMultipleChoice", "VLBertForVCR", "RegionScoringHead",
            "UniterForRefCOCO", "ViLBertForRefCOCO", "ViLBertForPhraseGrounding", "VLBertForRefCOCO",

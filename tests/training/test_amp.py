@@ -227,3 +227,25 @@ def test_the_autocast_rule_traces_under_torch_compile():
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     got[0].float().sum().backward()
     assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("model,task", [("uniter", "retrieval"), ("vilbert", "retrieval"), ("uniter", "refcoco"),
+                                        ("vilbert", "refcoco"), ("vlbert", "refcoco"),
+                                        ("vilbert", "phrase_grounding")])
+def test_ranking_scores_are_fp32_under_amp(source, model, task):
+    """Retrieval and region scores are ranked (recall@k, argmax): under bf16 they come
+    out of an fp32 projection, so near-equal candidates do not round into ties that the
+    tie rule would then decide (retrieval_recall ranks ties optimistically)."""
+    job = _job(source, model, "finetune", task, False)
+    m = job.model.eval()
+    batch = next(iter(job.train_batches(task, 0, 0)))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(batch).logits
+        full = m(batch).logits
+    assert low.dtype == torch.float32
+    real = torch.isfinite(full)
+    assert torch.equal(torch.isfinite(low), real)
+    torch.testing.assert_close(low[real], full[real], atol=0.05, rtol=0.05)
+    vals = low[real]
+    assert vals.unique().numel() == full[real].unique().numel()  # no ties that fp32 does not have
