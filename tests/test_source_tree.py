@@ -67,3 +67,28 @@ def test_installed_package_does_not_mount():
     assert not _source_tree.is_source_tree() or Path(vlfast.__file__).resolve().parent == REPO / "vlfast"
     if Path(vlfast.__file__).resolve().parent != REPO / "vlfast":
         assert _source_tree.describe().startswith("installed package at ")
+
+
+def test_the_newest_built_extension_wins(tmp_path, monkeypatch):
+    """A stale in-place _C (from an earlier pip install -e .) does not shadow a newer
+    pip install . build of the checkout."""
+    import importlib.machinery
+    import sys as _sys
+
+    from vlfast import _source_tree as st
+
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    tag = f"cp{_sys.version_info.major}{_sys.version_info.minor}"
+    pkg, build = tmp_path / "vlfast", tmp_path / "build" / f"cmake-{tag}" / "lib"
+    pkg.mkdir()
+    build.mkdir(parents=True)
+    stale, fresh = pkg / f"_C{suffix}", build / f"_C{suffix}"
+    stale.write_bytes(b"old")
+    fresh.write_bytes(b"new")
+    os.utime(stale, (1_000_000, 1_000_000))
+    monkeypatch.setattr(st, "_PKG_DIR", pkg)
+    monkeypatch.setattr(st, "_ROOT", tmp_path)
+    got = [p for p in st._extension_candidates() if tmp_path in p.parents]
+    assert got == [fresh, stale]
+    os.utime(fresh, (500_000, 500_000))
+    assert [p for p in st._extension_candidates() if tmp_path in p.parents] == [stale, fresh]

@@ -11,9 +11,10 @@ has no ``kernels`` or ``training`` subpackage and no ``_C``.
 
 * ``vlfast.kernels`` and ``vlfast.training`` are the checkout's ``kernels/`` and
   ``training/`` (so what runs is the source you are looking at);
-* ``vlfast._C`` is the extension built from this checkout: the one ``pip install -e .``
-  put in ``vlfast/`` (found as usual), else the one ``pip install .`` built in
-  ``build/cmake-<python tag>/lib/``, else the ``_C`` of an installed vlfast distribution.
+* ``vlfast._C`` is the newest extension built for this interpreter: the one
+  ``pip install -e .`` put in ``vlfast/``, the one ``pip install .`` built in
+  ``build/cmake-<python tag>/lib/``, or the ``_C`` of an installed vlfast distribution
+  (the last one built wins, so a stale in-place copy never shadows a newer install).
   With none, import still works and dispatch falls back to the reference with a warning
   (``python -m vlfast.info`` says so), as for any install without the extension.
 
@@ -59,11 +60,14 @@ def _load_package(name: str, folder: Path) -> ModuleType:
 
 
 def _extension_candidates() -> list[Path]:
-    """The compiled ``_C`` for this interpreter: the checkout's CMake build, then the
-    ``_C`` of an installed vlfast distribution."""
+    """The compiled ``_C`` files for this interpreter, newest first: one built in place
+    (``pip install -e .``), the checkout's CMake build (``pip install .``), and the
+    ``_C`` of an installed vlfast distribution.  The newest is the last one built, so a
+    stale in-place copy from an earlier editable install does not shadow a newer build."""
     suffixes = importlib.machinery.EXTENSION_SUFFIXES
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    found = [_ROOT / "build" / f"cmake-{tag}" / "lib" / f"_C{s}" for s in suffixes]
+    found = [_PKG_DIR / f"_C{s}" for s in suffixes]
+    found += [_ROOT / "build" / f"cmake-{tag}" / "lib" / f"_C{s}" for s in suffixes]
     try:
         from importlib import metadata
 
@@ -74,14 +78,13 @@ def _extension_candidates() -> list[Path]:
                 found.append(Path(str(dist.locate_file(f))))
     except Exception:  # noqa: BLE001 -- no distribution (or an unreadable one): nothing to add
         pass
-    return [p for p in found if p.is_file()]
+    unique = {p.resolve(): p for p in found if p.is_file()}
+    return sorted(unique.values(), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _mount_extension(pkg: ModuleType) -> None:
     global extension_origin
     if "vlfast._C" in sys.modules:
-        return
-    if importlib.util.find_spec("vlfast._C") is not None:  # pip install -e . built it into vlfast/
         return
     for path in _extension_candidates():
         spec = importlib.util.spec_from_file_location("vlfast._C", path)
