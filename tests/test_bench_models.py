@@ -106,7 +106,7 @@ def test_heads_give_hf_pretraining_loss(bm: ModuleType):
     torch.manual_seed(0)
     cfg = bm.make_config("visualbert", "small")
     hf = bm.hf_model(cfg).eval()
-    net, _ = VisualBert.from_hf(hf)
+    net = VisualBert.from_hf(hf)
     heads = bm.Heads("visualbert", net)
     sd = hf.state_dict()
     with torch.no_grad():

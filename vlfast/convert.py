@@ -3,7 +3,8 @@
 Converts a checkpoint in the model's official layout (UNITER ``uniter.*``, ViLBERT
 ``bert.*`` with ``v_layer``/``c_layer``, VL-BERT ``vlbert.*`` with or without
 ``module.``, VisualBERT in HF's layout) into vlfast's format (``config.json`` +
-``model.safetensors``, loadable with ``<Model>.from_pretrained(DIR)``), and lists every
+``model.safetensors``, loadable with ``<Model>.from_pretrained(DIR)``; for VisualBERT an
+HF directory, which ``transformers.AutoModel.from_pretrained(DIR)`` loads too), and lists every
 unmatched key both ways: our parameters the source lacked, and source keys not used.
 A user error (a missing or unreadable file, a checkpoint that does not fit the model)
 prints one line ``vlfast.convert: <message>`` on stderr and exits 2 (``--debug``: with
@@ -30,7 +31,7 @@ def convert(model: str, src: str, out: str, config: Optional[str] = None):
     cfg = None
     if config is not None:
         cfg = mod.CONFIG_CLASS.from_dict(json.loads(Path(config).read_text()))
-    net, report = mod.MODEL_CLASS.from_official(src, config=cfg)
+    net, report = mod.MODEL_CLASS.from_official(src, config=cfg, output_loading_info=True)
     net.save_pretrained(out)
     return net, report
 

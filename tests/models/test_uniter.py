@@ -227,7 +227,7 @@ def test_matches_official_gather_forward(device, with_img_masks):
     """Our [text | regions] layout with a key mask == the official packed forward:
     text slot j <-> packed j, region k <-> packed txt_len + k; pooler on packed slot 0."""
     osd = random_official_sd(CFG, seed=1)
-    model, report = Uniter.from_official(osd, CFG)
+    model, report = Uniter.from_official(osd, CFG, output_loading_info=True)
     assert report.missing == [] and sorted(report.unexpected) == sorted(official_heads(CFG))
     model = model.eval().to(device)
     batch, img_masks = make_batch(CFG, TXT, REG, seed=2)
@@ -338,7 +338,7 @@ def test_from_official_loads_everything(tmp_path):
                       vocab_size=77, max_position_embeddings=40, img_dim=48)
     osd = random_official_sd(cfg, seed=14)
     # inferred config (heads = hidden // 64 = 2): every shape-given field matches
-    model, report = Uniter.from_official(osd)
+    model, report = Uniter.from_official(osd, output_loading_info=True)
     assert report.missing == [] and sorted(report.unexpected) == sorted(official_heads(cfg))
     got = model.config
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
@@ -351,15 +351,16 @@ def test_from_official_loads_everything(tmp_path):
     # from a file, encoder only, with "module."
     path = tmp_path / "uniter.pt"
     torch.save({"module." + k: v for k, v in osd.items() if k.startswith("uniter.")}, path)
-    model2, report2 = Uniter.from_official(str(path), cfg)
+    model2, report2 = Uniter.from_official(str(path), cfg, output_loading_info=True)
     assert report2.missing == [] and report2.unexpected == []
     assert all(torch.equal(model2.state_dict()[k], v) for k, v in ours.items())
     # a bare UniterModel state_dict (no "uniter." prefix)
-    model3, report3 = Uniter.from_official({k[len("uniter."):]: v for k, v in osd.items() if k.startswith("uniter.")})
+    model3, report3 = Uniter.from_official({k[len("uniter."):]: v for k, v in osd.items() if k.startswith("uniter.")},
+                                           output_loading_info=True)
     assert report3.missing == [] and report3.unexpected == []
     # a missing parameter is reported, a shape mismatch raises naming the key
     partial = {k: v for k, v in osd.items() if "pooler" not in k}
-    _, rep = Uniter.from_official(partial, cfg)
+    _, rep = Uniter.from_official(partial, cfg, output_loading_info=True)
     assert rep.missing == ["pooler.dense.bias", "pooler.dense.weight"]
     with pytest.raises(ValueError, match="img_linear"):
         Uniter.from_official(osd, cfg.replace(img_dim=64))

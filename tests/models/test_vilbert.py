@@ -391,7 +391,7 @@ def test_official_round_trip(tmp_path):
     with torch.no_grad():
         ref = m(**x)
     for src in (off, tmp_path / "pytorch_model.bin"):
-        m2, rep = ViLBert.from_official(src, m.config)
+        m2, rep = ViLBert.from_official(src, m.config, output_loading_info=True)
         assert rep.missing == [] and rep.unexpected == sorted(
             ["cls.predictions.bias", "cls.bi_seq_relationship.weight", "vil_prediction.logit_fc.0.weight"])
         with torch.no_grad():
@@ -421,7 +421,7 @@ def test_convert_cli(tmp_path, capsys):
 
 def test_from_official_infers_the_config():
     m = _model(task_specific_tokens=True)
-    m2, rep = ViLBert.from_official(_official_sd(m, heads=False))
+    m2, rep = ViLBert.from_official(_official_sd(m, heads=False), output_loading_info=True)
     assert rep.missing == [] and rep.unexpected == []
     c, c2 = m.config, m2.config
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
@@ -434,7 +434,7 @@ def test_from_official_infers_the_config():
     # missing keys are reported, ours by name
     sd = _official_sd(m, heads=False)
     del sd["bert.t_pooler.dense.weight"]
-    _, rep = ViLBert.from_official(sd, m.config)
+    _, rep = ViLBert.from_official(sd, m.config, output_loading_info=True)
     assert rep.missing == ["t_pooler.dense.weight"] and rep.unexpected == []
 
 

@@ -3,6 +3,8 @@ path, gradients, checkpoints (HF / official / uclanlp layouts, BERT init, our fo
 input errors.  Small configs only."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def hf_pair():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf = transformers.VisualBertModel(transformers.VisualBertConfig(**config_to_hf(small()))).eval()
-    model, report = VisualBert.from_hf(hf)
+    model, report = VisualBert.from_hf(hf, output_loading_info=True)
     assert report.missing == [] and report.unexpected == []
     return hf, model.eval()
 
@@ -123,7 +125,7 @@ def test_from_hf_pretraining_module_and_directory(tmp_path):
     torch.manual_seed(0)
     hc = transformers.VisualBertConfig(**config_to_hf(small()))
     pre = transformers.VisualBertForPreTraining(hc).eval()
-    model, report = VisualBert.from_hf(pre)
+    model, report = VisualBert.from_hf(pre, output_loading_info=True)
     assert report.missing == []
     assert report.unexpected and all(k.startswith("cls.") for k in report.unexpected)
     base_sd = pre.visual_bert.state_dict()
@@ -136,12 +138,130 @@ def test_from_hf_pretraining_module_and_directory(tmp_path):
     assert (out.last_hidden_state - ref.last_hidden_state)[real(inp)].abs().max() < 1e-5
     # an HF directory; and a bare state_dict with the prefix (config inferred, heads given)
     pre.visual_bert.save_pretrained(tmp_path / "hf")
-    m2, rep2 = VisualBert.from_hf(tmp_path / "hf")
+    m2, rep2 = VisualBert.from_hf(tmp_path / "hf", output_loading_info=True)
     assert rep2.missing == [] and rep2.unexpected == [] and m2.config == model.config
-    m3, rep3 = VisualBert.from_hf(pre.state_dict(), config=model.config)
+    m3, rep3 = VisualBert.from_hf(pre.state_dict(), config=model.config, output_loading_info=True)
     assert rep3.missing == []
+    m4 = VisualBert.from_pretrained(tmp_path / "hf")  # HF's own directory: from_pretrained reads it too
+    assert m4.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]) and torch.equal(v, m3.state_dict()[k]), k
+        assert torch.equal(v, m4.state_dict()[k]), k
+
+
+def _randomized(seed: int, **kw) -> VisualBert:
+    """A small VisualBert whose every tensor is random (biases and LayerNorms too; the
+    pad row of word_embeddings stays zero)."""
+    model = make_model(seed, **kw)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.embeddings.word_embeddings.weight[model.config.pad_token_id] = 0
+    return model
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_save_pretrained_is_an_hf_directory(tmp_path):
+    """save_pretrained writes HF's layout: AutoModel / VisualBertModel load it, their
+    outputs are ours on a ragged batch, from_hf gives back our weights, from_pretrained
+    the whole model."""
+    transformers = pytest.importorskip("transformers")
+    model = _randomized(seed=11)
+    d = model.save_pretrained(tmp_path / "vb")
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "visual_bert" and cfg["architectures"] == ["VisualBertModel"]
+    assert cfg["bypass_transformer"] is False and cfg["hidden_act"] == "gelu"
+    assert cfg["visual_embedding_dim"] == FV and cfg["special_visual_initialize"] is True
+    assert all(cfg[k] == v for k, v in config_to_hf(model.config).items())
+    assert cfg["vlfast"] == {"model_type": "visualbert", "default_visual_token_type_id": 1}
+    from safetensors.torch import load_file
+    assert set(load_file(str(d / "model.safetensors"))) == set(model.state_dict())  # HF's names
+    inp = ragged_inputs()
+    m = real(inp)
+    with torch.no_grad():
+        want = model(**inp)
+    for loader in (transformers.AutoModel, transformers.VisualBertModel):
+        hf, info = loader.from_pretrained(d, output_loading_info=True)
+        hf.eval()
+        assert type(hf) is transformers.VisualBertModel
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        hsd = hf.state_dict()
+        for k, v in model.state_dict().items():
+            assert torch.equal(hsd[k], v), k
+        ref = _hf_forward(hf, inp)  # HF: visual_token_type_ids default 1, pad id 1, 0/1 masks
+        assert ref.last_hidden_state.dtype == torch.float32
+        assert (want.last_hidden_state - ref.last_hidden_state)[m].abs().max() < 1e-5
+        assert (want.pooler_output - ref.pooler_output).abs().max() < 1e-5
+        back = VisualBert.from_hf(hf)  # the round trip
+        assert isinstance(back, VisualBert) and back.config == model.config
+        _same_weights(back, model)
+    loaded = VisualBert.from_pretrained(d).eval()
+    assert loaded.config == model.config
+    _same_weights(loaded, model)
+    with torch.no_grad():
+        got = loaded(**inp)
+    assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+    assert torch.equal(got.pooler_output, want.pooler_output)
+
+
+def test_hf_round_trip_keeps_vlfast_fields(tmp_path):
+    """default_visual_token_type_id (no HF name) travels in config.json's "vlfast" entry,
+    through HF's loading and re-saving."""
+    transformers = pytest.importorskip("transformers")
+    model = _randomized(seed=12, default_visual_token_type_id=0)
+    model.save_pretrained(tmp_path / "vb")
+    hf = transformers.AutoModel.from_pretrained(tmp_path / "vb")
+    assert VisualBert.from_hf(hf).config == model.config
+    hf.save_pretrained(tmp_path / "hf")
+    for src in (tmp_path / "vb", tmp_path / "hf"):
+        loaded = VisualBert.from_pretrained(src)
+        assert loaded.config == model.config and loaded.config.default_visual_token_type_id == 0
+        _same_weights(loaded, model)
+    assert VisualBert.from_hf(tmp_path / "hf").config == model.config
+
+
+def test_from_pretrained_reads_older_vlfast_directories(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlfast.models import Uniter, UniterConfig
+
+    model = _randomized(seed=13, default_visual_token_type_id=0)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(model.config.to_dict()))  # model_type "visualbert", our fields
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"))
+    loaded = VisualBert.from_pretrained(old)
+    assert loaded.config == model.config
+    _same_weights(loaded, model)
+    assert VisualBert.from_hf(old).config == model.config
+    # another model's directory, and ours in another model's from_pretrained: errors naming model_type
+    Uniter(UniterConfig.small()).save_pretrained(tmp_path / "uniter")
+    with pytest.raises(ValueError, match=r"VisualBert.from_pretrained: .*model_type: expected 'visual_bert'.*"
+                                         r"got 'uniter'"):
+        VisualBert.from_pretrained(tmp_path / "uniter")
+    with pytest.raises(ValueError, match=r"VisualBert: config.model_type: expected 'visual_bert'.*got 'uniter'"):
+        VisualBert.from_hf(tmp_path / "uniter")
+    model.save_pretrained(tmp_path / "vb")
+    with pytest.raises(ValueError, match=r"model_type: expected 'uniter', got 'visual_bert'"):
+        Uniter.from_pretrained(tmp_path / "vb")
+
+
+def test_from_hf_returns_the_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.VisualBertModel(transformers.VisualBertConfig(**config_to_hf(small())))
+    model = VisualBert.from_hf(hf).eval()  # HF's convention: the model, not (model, report)
+    assert isinstance(model, VisualBert) and not model.training
+    model2, report = VisualBert.from_hf(hf, output_loading_info=True)
+    assert isinstance(model2, VisualBert) and report.missing == [] and report.unexpected == []
 
 
 def test_config_from_hf_rejects_unsupported():
@@ -292,12 +412,12 @@ def test_official_roundtrip_and_load():
     # from_official: prefixes module. / visual_bert., an old position_ids buffer, a head key
     syn = {"module." + k: v.clone() for k, v in pre.items()}
     syn["module.visual_bert.embeddings.position_ids"] = torch.arange(64)[None]
-    model, report = VisualBert.from_official(syn, config=small())
+    model, report = VisualBert.from_official(syn, config=small(), output_loading_info=True)
     assert report.missing == [] and report.unexpected == []
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd[k]), k
     syn["cls.seq_relationship.weight"] = torch.zeros(2, 64)
-    _, report = VisualBert.from_official(syn, config=small())
+    _, report = VisualBert.from_official(syn, config=small(), output_loading_info=True)
     assert report.unexpected == ["cls.seq_relationship.weight"]
 
 
@@ -307,7 +427,7 @@ def test_from_official_infers_config(tmp_path):
     src = VisualBert(cfg)
     path = tmp_path / "vb.pt"
     torch.save(to_official(src.state_dict()), path)
-    model, report = VisualBert.from_official(path)
+    model, report = VisualBert.from_official(path, output_loading_info=True)
     assert report.missing == [] and report.unexpected == []
     assert model.config == cfg  # every inferable field was inferred; the rest are defaults here
     assert infer_config(src.state_dict()).num_attention_heads == 12
@@ -329,7 +449,7 @@ def _uclanlp_layout(sd: dict) -> dict:
 def test_from_official_uclanlp_layout():
     src = make_model(seed=7)
     sd = src.state_dict()
-    model, report = VisualBert.from_official(_uclanlp_layout(sd), config=None)
+    model, report = VisualBert.from_official(_uclanlp_layout(sd), config=None, output_loading_info=True)
     assert report.missing == [] and report.unexpected == ["bert.cls.predictions.bias"]
     assert model.config.default_visual_token_type_id == 0  # the original code's default
     for k, v in model.state_dict().items():

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -101,14 +102,22 @@ class PretrainedModel(nn.Module):
             raise ValueError(f"{type(self).__name__}.gradient_checkpointing_enable: the model has no encoder "
                              "supporting gradient checkpointing (a module with a gradient_checkpointing attribute)")
 
+    def _pretrained_config_dict(self) -> dict[str, Any]:
+        """What ``save_pretrained`` writes as config.json (VisualBERT: HF's layout)."""
+        return self.config.to_dict()
+
+    def _pretrained_state_dict(self) -> dict[str, Tensor]:
+        """What ``save_pretrained`` writes as model.safetensors (VisualBERT: HF's key names)."""
+        return self.state_dict()
+
     def save_pretrained(self, directory: PathLike) -> Path:
         """Write config.json and model.safetensors into ``directory`` (atomically)."""
         from safetensors.torch import save_file
 
         d = Path(directory)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().contiguous().cpu() for k, v in self._pretrained_state_dict().items()}
         _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
-        cfg = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+        cfg = json.dumps(self._pretrained_config_dict(), indent=2, sort_keys=True)
         _atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(cfg))
         return d
 
@@ -162,7 +171,7 @@ def load_with_report(model: nn.Module, sd: dict[str, Tensor]) -> tuple[list[str]
 
 
 __all__ = ["ModelConfig", "PretrainedModel", "load_state_dict_file", "strip_prefix", "load_with_report",
-           "CONFIG_NAME", "WEIGHTS_NAME"]
+           "CONFIG_NAME", "WEIGHTS_NAME", "ConversionReport", "finish_loading", "cut_keys"]
 
 
 # ----------------------------------------------------------------------------------
@@ -183,6 +192,36 @@ class ConversionReport:
         lines.append(f"unused source keys ({len(self.unexpected)})")
         lines += [f"  {k}" for k in self.unexpected]
         return "\n".join(lines)
+
+
+def cut_keys(keys: list[str], n: int = 10) -> str:
+    """``keys`` comma-separated, the first ``n`` then ``... (N more)``."""
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def finish_loading(name: str, model: M, report: ConversionReport, output_loading_info: bool,
+                   logger: Optional[logging.Logger] = None) -> Union[M, tuple[M, ConversionReport]]:
+    """The common end of ``from_official`` / ``from_hf`` (``name``: e.g. "Uniter.from_official").
+
+    Raises ValueError when the source gave none of the model's tensors (not a checkpoint
+    of this model).  Otherwise logs, as HF's ``from_pretrained`` does, the missing keys
+    (our parameters the source lacks, left at their initialisation) at WARNING and the
+    unused source keys (usually heads) at INFO, through ``logger`` (the model module's),
+    and returns the model, or ``(model, report)`` when ``output_loading_info``."""
+    log = logger or logging.getLogger(__name__)
+    n_own = len(model.state_dict())
+    if n_own and len(report.missing) >= n_own:
+        got = (f"{len(report.unexpected)} keys, none of them one of its parameters (e.g. "
+               f"{cut_keys(report.unexpected, 5)})" if report.unexpected else "no keys")
+        raise ValueError(f"{name}: src: expected a {type(model).__name__} checkpoint (in its official layout), "
+                         f"got {got}")
+    if report.missing:
+        log.warning("%s: %d parameter(s) of %s are not in the source and keep their initialisation: %s",
+                    name, len(report.missing), type(model).__name__, cut_keys(report.missing))
+    if report.unexpected:
+        log.info("%s: %d source key(s) not used: %s", name, len(report.unexpected), cut_keys(report.unexpected))
+    return (model, report) if output_loading_info else model
 
 
 def bert_checkpoint_dir() -> Path:

@@ -26,6 +26,7 @@ Shapes: B batch, Lt text length, Lv regions, E hidden.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -35,12 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlfast import ops
-from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, load_hf_bert,
-                                load_state_dict_file, load_with_report)
+from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
+                                load_hf_bert, load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput, as_bool_mask,
                                   check_feats, check_ids, fail, init_bert_weights)
 
 _NAME = "Uniter"
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------
@@ -307,8 +309,8 @@ class Uniter(PretrainedModel):
         return model
 
     @classmethod
-    def from_official(cls, src: Union[dict[str, Tensor], PathLike],
-                      config: Optional[UniterConfig] = None) -> tuple["Uniter", ConversionReport]:
+    def from_official(cls, src: Union[dict[str, Tensor], PathLike], config: Optional[UniterConfig] = None, *,
+                      output_loading_info: bool = False) -> Union["Uniter", tuple["Uniter", ConversionReport]]:
         """A UNITER from an official checkpoint (ChenRocks/UNITER: ``uniter.*`` keys
         of ``UniterForPretraining`` / the fine-tuning models, or a bare
         ``UniterModel`` state_dict; a ``module.`` prefix and old ``gamma``/``beta``
@@ -321,6 +323,11 @@ class Uniter(PretrainedModel):
         (dropouts, eps, initializer_range) are the base config's.  Head weights
         (``cls.*``, ``feat_regress.*``, ``region_classifier.*``, ``itm_output.*``,
         ...) are reported as unused source keys.
+
+        Returns the model; ``(model, report)`` with ``output_loading_info=True``
+        (``ConversionReport``: ``missing`` = our parameters the source lacks, left at
+        their initialisation and logged as a warning; ``unexpected`` = source keys not
+        used).  A source with none of the model's tensors raises ValueError.
         """
         sd = load_state_dict_file(src) if isinstance(src, str) or hasattr(src, "__fspath__") else src
         if not isinstance(sd, dict):
@@ -333,7 +340,8 @@ class Uniter(PretrainedModel):
         # report unused keys under their source names
         back = {_official_key_to_ours(k): k for k in sd}
         unused = sorted([k for k in sd if _official_key_to_ours(k) is None] + [back.get(k, k) for k in unexpected])
-        return model, ConversionReport(missing=missing, unexpected=unused)
+        return finish_loading(f"{_NAME}.from_official", model, ConversionReport(missing=missing, unexpected=unused),
+                              output_loading_info, logger)
 
 
 # ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +38,14 @@ from torch import Tensor, nn
 
 from vlfast import ops
 from vlfast.kernels.attention import reference as attn_ref
-from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, load_hf_bert,
-                                load_state_dict_file, load_with_report, strip_prefix)
+from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
+                                load_hf_bert, load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertIntermediate, BertLayer, BertOutput, BertTextEmbeddings, Packed,
                                   TwoStreamOutput, as_bool_mask, check_feats, check_ids,
                                   dense_dropout_add_layer_norm, fail, init_bert_weights)
 
 _NAME = "ViLBert"
+logger = logging.getLogger(__name__)
 LOCATION_SIZE = 5  # (x1, y1, x2, y2, area), normalised by the image size
 
 
@@ -603,8 +605,8 @@ class ViLBert(PretrainedModel):
         return model
 
     @classmethod
-    def from_official(cls, src: Union[PathLike, dict[str, Tensor]], config: Optional[ViLBertConfig] = None
-                      ) -> tuple["ViLBert", ConversionReport]:
+    def from_official(cls, src: Union[PathLike, dict[str, Tensor]], config: Optional[ViLBertConfig] = None, *,
+                      output_loading_info: bool = False) -> Union["ViLBert", tuple["ViLBert", ConversionReport]]:
         """Load an official vilbert-multi-task state_dict (``bert.*`` from
         BertForMultiModalPreTraining or VILBertForVLTasks, with or without ``module.``)
         or a path to one.  Heads (``cls.*``, ``vil_prediction*``, ...) are reported as
@@ -612,6 +614,10 @@ class ViLBert(PretrainedModel):
         parameters left at their initialisation.
 
         config None: inferred by :func:`infer_config` from the tensor shapes.
+
+        Returns the model; ``(model, report)`` with ``output_loading_info=True``.  Missing
+        keys are logged as a warning; a source with none of the model's tensors raises
+        ValueError.
         """
         sd = load_state_dict_file(src) if not isinstance(src, dict) else src
         ours, rest = _split_official(sd)
@@ -619,7 +625,8 @@ class ViLBert(PretrainedModel):
             config = infer_config(ours)
         model = cls(config)
         missing, unexpected = load_with_report(model, ours)
-        return model, ConversionReport(missing=missing, unexpected=sorted(rest + ["bert." + k for k in unexpected]))
+        report = ConversionReport(missing=missing, unexpected=sorted(rest + ["bert." + k for k in unexpected]))
+        return finish_loading(f"{_NAME}.from_official", model, report, output_loading_info, logger)
 
 
 # ----------------------------------------------------------------------------------

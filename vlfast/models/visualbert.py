@@ -22,6 +22,14 @@ Token types of the regions: HF defaults ``visual_token_type_ids`` to 1, the orig
 to 0.  ``VisualBertConfig.default_visual_token_type_id`` holds the default (1, HF's);
 conversion from the original uclanlp layout sets it to 0.
 
+Checkpoints: ``save_pretrained(DIR)`` writes an HF directory -- config.json with HF's
+fields (``model_type: "visual_bert"``) and model.safetensors under HF ``VisualBertModel``'s
+key names -- that ``transformers.AutoModel.from_pretrained(DIR)`` and
+``VisualBertModel.from_pretrained(DIR)`` load.  vlfast's fields HF has no name for
+(``default_visual_token_type_id``) are kept in the same config.json under the key
+``"vlfast"`` (HF ignores it), so ``VisualBert.from_pretrained(DIR)`` restores the config
+exactly; it also reads the older vlfast directories (``model_type: "visualbert"``).
+
 Shapes: B batch, Lt text length, Lv regions, A alignments per region, E hidden,
 Fv = ``visual_embedding_dim``.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -38,12 +47,15 @@ import torch
 from torch import Tensor, nn
 
 from vlfast import ops
-from vlfast.models.base import (ConversionReport, ModelConfig, PretrainedModel, load_hf_bert,
-                                load_state_dict_file, load_with_report, strip_prefix)
+from vlfast.models.base import (CONFIG_NAME, WEIGHTS_NAME, ConversionReport, ModelConfig, PathLike, PretrainedModel,
+                                finish_loading, load_hf_bert, load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput,
                                   as_bool_mask, check_feats, check_ids, fail, init_bert_weights)
 
 NAME = "VisualBert"
+HF_MODEL_TYPE = "visual_bert"  # HF's model_type (ours, VisualBertConfig.model_type, is "visualbert")
+VLFAST_KEY = "vlfast"  # config.json: vlfast's fields HF has no name for
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------
@@ -118,17 +130,47 @@ _HF_FIELDS = ("vocab_size", "hidden_size", "visual_embedding_dim", "num_hidden_l
               "type_vocab_size", "initializer_range", "layer_norm_eps", "special_visual_initialize", "pad_token_id")
 
 
+def _extra_fields() -> list[str]:
+    """Our config fields HF's VisualBertConfig has no name for."""
+    return [f.name for f in dataclasses.fields(VisualBertConfig) if f.name not in _HF_FIELDS]
+
+
+def _vlfast_extras(ns: Any) -> dict[str, Any]:
+    """The ``"vlfast"`` entry of an HF config.json written by ``save_pretrained``."""
+    if ns is None:
+        return {}
+    if not isinstance(ns, Mapping):
+        fail(NAME, f"config.{VLFAST_KEY}", "a dict of vlfast's extra config fields", type(ns).__name__)
+    ns = dict(ns)
+    mt = ns.pop("model_type", VisualBertConfig.model_type)
+    if mt != VisualBertConfig.model_type:
+        fail(NAME, f"config.{VLFAST_KEY}.model_type", repr(VisualBertConfig.model_type), repr(mt))
+    unknown = sorted(set(ns) - set(_extra_fields()))
+    if unknown:
+        fail(NAME, f"config.{VLFAST_KEY}", f"fields among {_extra_fields()}", f"unknown fields {unknown}")
+    return ns
+
+
 def config_from_hf(hf_config: Any) -> VisualBertConfig:
-    """Our config from an HF ``VisualBertConfig`` (object or dict).  Keeps HF's default
-    visual token type (1).  Raises ValueError for ``bypass_transformer=True`` or an
-    activation other than "gelu" (erf GELU), which this model does not implement."""
+    """Our config from an HF ``VisualBertConfig`` (object or dict, e.g. a config.json).
+    Keeps HF's default visual token type (1) unless the config carries vlfast's extra
+    fields (the ``"vlfast"`` entry ``save_pretrained`` writes).  A dict with vlfast's own
+    ``model_type`` ("visualbert", the older vlfast config.json) is read as ours.  Raises
+    ValueError for another ``model_type``, ``bypass_transformer=True`` or an activation
+    other than "gelu" (erf GELU), which this model does not implement."""
     d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    mt = d.get("model_type")
+    if mt == VisualBertConfig.model_type:
+        return VisualBertConfig.from_dict(d)
+    if mt not in (None, HF_MODEL_TYPE):
+        fail(NAME, "config.model_type", f"{HF_MODEL_TYPE!r} (an HF VisualBERT config)", repr(mt))
     if d.get("bypass_transformer", False):
         fail(NAME, "config.bypass_transformer", "False (the bypass variant is not supported)", True)
     act = d.get("hidden_act", "gelu")
     if act != "gelu":
         fail(NAME, "config.hidden_act", "'gelu'", repr(act))
     kw = {k: d[k] for k in _HF_FIELDS if d.get(k) is not None}
+    kw.update(_vlfast_extras(d.get(VLFAST_KEY)))
     return VisualBertConfig(**kw)
 
 
@@ -136,6 +178,16 @@ def config_to_hf(config: VisualBertConfig) -> dict[str, Any]:
     """HF ``VisualBertConfig`` keyword arguments for our config (``VisualBertConfig(**d)``)."""
     d = {k: getattr(config, k) for k in _HF_FIELDS}
     d.update(hidden_act="gelu", bypass_transformer=False)
+    return d
+
+
+def hf_config_json(config: VisualBertConfig) -> dict[str, Any]:
+    """The config.json ``save_pretrained`` writes: HF's (``model_type: "visual_bert"``,
+    ``architectures: ["VisualBertModel"]``, the fields of :func:`config_to_hf`) plus
+    ``"vlfast"``: our model_type and the fields HF has no name for."""
+    d: dict[str, Any] = {"architectures": ["VisualBertModel"], "model_type": HF_MODEL_TYPE}
+    d.update(config_to_hf(config))
+    d[VLFAST_KEY] = {"model_type": config.model_type, **{k: getattr(config, k) for k in _extra_fields()}}
     return d
 
 
@@ -330,9 +382,43 @@ class VisualBert(PretrainedModel):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _pretrained_config_dict(self) -> dict[str, Any]:
+        return hf_config_json(self.config)
+
+    def _pretrained_state_dict(self) -> dict[str, Tensor]:
+        return to_official(self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: PathLike, *, map_location: Union[str, torch.device] = "cpu",
+                        strict: bool = True) -> "VisualBert":
+        """Load a directory written by ``save_pretrained`` (HF's layout, see the module
+        docstring; HF's own ``VisualBertModel.save_pretrained`` directories too) or by an
+        older vlfast (``model_type: "visualbert"``, config.json with our fields)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{NAME}.from_pretrained: no {CONFIG_NAME} in {d}")
+        raw = json.loads((d / CONFIG_NAME).read_text())
+        mt = raw.get("model_type") if isinstance(raw, dict) else None
+        if mt == VisualBertConfig.model_type:
+            return super().from_pretrained(d, map_location=map_location, strict=strict)
+        if mt != HF_MODEL_TYPE:
+            fail(f"{NAME}.from_pretrained", f"{d / CONFIG_NAME}: model_type",
+                 f"{HF_MODEL_TYPE!r} (or {VisualBertConfig.model_type!r}, older vlfast directories)", repr(mt))
+        config = config_from_hf(raw)
+        if not (d / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{NAME}.from_pretrained: no {WEIGHTS_NAME} in {d} (for pytorch_model.bin: "
+                                    f"{NAME}.from_hf)")
+        model = cls(config)
+        sd = convert_official(load_file(str(d / WEIGHTS_NAME), device=str(map_location)))
+        model.load_state_dict(sd, strict=strict)
+        return model
+
     @classmethod
     def from_official(cls, src: Union[Mapping[str, Tensor], str, os.PathLike],
-                      config: Optional[VisualBertConfig] = None) -> tuple["VisualBert", ConversionReport]:
+                      config: Optional[VisualBertConfig] = None, *, output_loading_info: bool = False
+                      ) -> Union["VisualBert", tuple["VisualBert", ConversionReport]]:
         """Load a state_dict in the official layout: HF's (``VisualBertModel`` keys, or
         ``VisualBertForPreTraining``/task models' with ``visual_bert.``), or the original
         uclanlp ``.th`` layout (``bert.bert.*``); with or without ``module.``.  ``src`` is a
@@ -344,8 +430,16 @@ class VisualBert(PretrainedModel):
         HF's 1).  num_attention_heads cannot be inferred: base's 12 when it divides
         hidden_size, else hidden_size // 64, else 1.  The rest are base()'s defaults.
 
-        Returns (model, report): report.missing = our parameters left at init,
-        report.unexpected = source keys not used (e.g. the ``cls.*`` heads)."""
+        Returns the model; ``(model, report)`` with ``output_loading_info=True``:
+        report.missing = our parameters left at init (also logged as a warning),
+        report.unexpected = source keys not used (e.g. the ``cls.*`` heads).  A source
+        with none of the model's tensors raises ValueError."""
+        model, report = cls._load_official(src, config)
+        return finish_loading(f"{NAME}.from_official", model, report, output_loading_info, logger)
+
+    @classmethod
+    def _load_official(cls, src: Union[Mapping[str, Tensor], str, os.PathLike],
+                       config: Optional[VisualBertConfig]) -> tuple["VisualBert", ConversionReport]:
         sd = dict(load_state_dict_file(src)) if isinstance(src, (str, os.PathLike)) else dict(src)
         original = _is_uclanlp_layout(sd)
         ours = convert_official(sd)
@@ -356,12 +450,14 @@ class VisualBert(PretrainedModel):
         return model, ConversionReport(missing, unexpected)
 
     @classmethod
-    def from_hf(cls, src: Any, config: Optional[VisualBertConfig] = None) -> tuple["VisualBert", ConversionReport]:
+    def from_hf(cls, src: Any, config: Optional[VisualBertConfig] = None, *, output_loading_info: bool = False
+                ) -> Union["VisualBert", tuple["VisualBert", ConversionReport]]:
         """From HF: a ``VisualBertModel`` / ``VisualBertForPreTraining`` (or any VisualBert
-        task model: keys under ``visual_bert.``) module, a directory saved by HF
-        (config.json + model.safetensors / pytorch_model.bin), or a state_dict.  The config
-        comes from the HF config when there is one (``config`` overrides; a bare state_dict
-        infers it as ``from_official``).  Returns (model, report)."""
+        task model: keys under ``visual_bert.``) module, a directory saved by HF or by
+        ``save_pretrained`` (config.json + model.safetensors / pytorch_model.bin), or a
+        state_dict.  The config comes from the HF config when there is one (``config``
+        overrides; a bare state_dict infers it as ``from_official``).  Returns the model;
+        ``(model, report)`` with ``output_loading_info=True`` (as ``from_official``)."""
         if isinstance(src, nn.Module):
             if config is None:
                 config = config_from_hf(src.config)
@@ -383,7 +479,8 @@ class VisualBert(PretrainedModel):
         else:
             raise TypeError(f"{NAME}.from_hf: src: expected an HF VisualBert module, a directory or a state_dict, "
                             f"got {type(src).__name__}")
-        return cls.from_official(sd, config)
+        model, report = cls._load_official(sd, config)
+        return finish_loading(f"{NAME}.from_hf", model, report, output_loading_info, logger)
 
     @classmethod
     def from_bert(cls, src: Any, config: Optional[VisualBertConfig] = None) -> "VisualBert":
@@ -491,4 +588,5 @@ MODEL_CLASS = VisualBert
 CONFIG_CLASS = VisualBertConfig
 
 __all__ = ["VisualBertConfig", "VisualBert", "VisualBertEmbeddings", "convert_official", "to_official",
-           "infer_config", "config_from_hf", "config_to_hf", "MODEL_CLASS", "CONFIG_CLASS"]
+           "infer_config", "config_from_hf", "config_to_hf", "hf_config_json", "HF_MODEL_TYPE", "MODEL_CLASS",
+           "CONFIG_CLASS"]
