@@ -717,7 +717,10 @@ class MaskedRoIClassification(Objective):
     """VL-BERT's masked RoI classification (``mvrc`` in the official code): soft
     cross-entropy ``-sum_c t_c log softmax(z)_c`` against the detector's class
     distribution of each masked RoI, mean over Nm.  Head ``vlbert.mvrc_head``
-    (``transform.dense`` + GELU, ``region_cls_pred``)."""
+    (``transform.dense`` + GELU, ``region_cls_pred``).  The masked RoIs are
+    ``batch.targets["img_masks"]``, which also reach the backbone (``VLBatch.model_inputs``
+    passes them as ``img_masks``: the official ``object_mask_visual_embedding`` /
+    ``object_mask_word_embedding`` rows replace their feature and [IMG] token)."""
 
     name = "masked_roi"
 

@@ -343,7 +343,7 @@ class _EmbeddingsOnly:
 
 # (ViLBERT's module is a plain sum + LayerNorm, covered bitwise above; its tiny model
 # alone takes ~10 s on a 2-core CPU, so it is left out here)
-@pytest.mark.parametrize("model", ["visualbert", "uniter", "vlbert", "vlbert_relu"])
+@pytest.mark.parametrize("model", ["visualbert", "uniter", "vlbert", "vlbert_relu", "vlbert_mvrc"])
 def test_models_with_triton_embeddings_match_the_reference(model, monkeypatch):
     """Tiny configs: the embedding ops forced to Triton (interpreted) vs the reference,
     eval; outputs and the gradients of every embedding table and LayerNorm."""
@@ -372,7 +372,9 @@ def test_models_with_triton_embeddings_match_the_reference(model, monkeypatch):
         ids, am, f, vm, bx = _tiny_inputs(c.vocab_size, c.visual_feat_dim, 4)
         bx = bx * 100
         bx[..., 2:] += 100
-        call = lambda: m(ids, am, None, f, bx, vm, image_size=torch.full((2, 2), 300.0))  # noqa: E731
+        # vlbert_mvrc: masked RoIs (their [IMG] swap rides on a doubled token-type table)
+        im = vm & (torch.arange(5) % 2 == 1) if model == "vlbert_mvrc" else None
+        call = lambda: m(ids, am, None, f, bx, vm, image_size=torch.full((2, 2), 300.0), img_masks=im)  # noqa: E731
     m.eval()
     outs = {}
     real = eop._dispatch

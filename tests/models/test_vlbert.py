@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vlfast.models.base import bert_checkpoint_dir
 from vlfast.models.vlbert import (CONFIG_CLASS, MODEL_CLASS, VLBert, VLBertConfig, box_geometry_embedding,
-                                  convert_official, to_official)
+                                  convert_official, infer_config, to_official)
 
 
 def small(**kw) -> VLBertConfig:
@@ -51,6 +51,18 @@ def batch(cfg: VLBertConfig, B: int = 3, Lt: int = 7, Lv: int = 5, seed: int = 0
                 visual_boxes=boxes, visual_mask=v_mask, image_size=torch.stack((W, H), -1))
 
 
+def masked_rois(inp) -> torch.Tensor:
+    """(B, Lv) bool masked RoIs for ``batch(cfg)`` (B=3, Lv=5, 5/0/3 regions): row 0 slots
+    1 and 3; row 2 slot 0 (the region its words see by default) and slot 4, a padded slot
+    (ignored, as officially: only real boxes reach FastRCNN and the encoder)."""
+    B, Lv = inp["visual_mask"].shape
+    m = torch.zeros(B, Lv, dtype=torch.bool)
+    m[0, 1] = m[0, 3] = True
+    if B > 2:
+        m[2, 0] = m[2, 4] = True
+    return m
+
+
 # ----------------------------------------------------------------------------------
 # An eager transcription of the official forward, on official key names
 # ----------------------------------------------------------------------------------
@@ -84,12 +96,15 @@ def official_keys(cfg: VLBertConfig, pooler: bool = True) -> dict[str, tuple[int
     k["image_feature_extractor.obj_downsample.1.bias"] = (V,)
     k["object_linguistic_embeddings.weight"] = (1, E)
     k["aux_text_visual_embedding.weight"] = (1, V)
+    # MVRC masking rows (IMAGE_FEAT_PRECOMPUTED, WITH_MVRC_LOSS): nn.Embedding(1, 2048) = the
+    # region feature width, nn.Embedding(1, hidden_size)
+    k["object_mask_visual_embedding.weight"] = (1, cfg.visual_feat_dim)
+    k["object_mask_word_embedding.weight"] = (1, E)
     return k
 
 
 HEAD_KEYS = {"vlbert.mlm_head.predictions.bias": (100,), "vlbert.mlm_head.predictions.transform.dense.weight": (64, 64),
-             "vlbert.mvrc_head.region_cls_pred.weight": (1601, 64), "object_mask_visual_embedding.weight": (1, 32),
-             "object_mask_word_embedding.weight": (1, 64)}
+             "vlbert.mvrc_head.region_cls_pred.weight": (1601, 64)}
 
 
 def official_state_dict(cfg: VLBertConfig, seed: int = 0, prefix: str = "module.", pooler: bool = True,
@@ -120,10 +135,11 @@ def official_coordinate_embeddings(boxes6: torch.Tensor, dim: int) -> torch.Tens
 
 
 def official_forward(sd: dict[str, torch.Tensor], cfg: VLBertConfig, input_ids, attention_mask, token_type_ids,
-                     visual_feats, visual_boxes, visual_mask, image_size, text_tags=None):
+                     visual_feats, visual_boxes, visual_mask, image_size, text_tags=None, mvrc_ops=None):
     """Returns (text (B,Lt,E) valid at real text slots, objects (B,Lv,E) valid at real
     regions, pooled (B,E)) as the official VisualLinguisticBert(output_text_and_object_
-    separately=True) does."""
+    separately=True) does.  mvrc_ops (B,Lv) long, 1 = masked RoI, as
+    ResNetVLBERTForPretrainingMultitask.forward takes it (precomputed features, MVRC on)."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     P = lambda n: sd["vlbert." + n]  # noqa: E731
     E, V, eps = cfg.hidden_size, cfg.visual_size, 1e-12
@@ -140,6 +156,12 @@ def official_forward(sd: dict[str, torch.Tensor], cfg: VLBertConfig, input_ids, 
         w, b = (sd[name + ".weight"], sd[name + ".bias"]) if full else (P(name + ".weight"), P(name + ".bias"))
         return x @ w.t() + b
 
+    # ResNetVLBERTForPretrainingMultitask.forward, IMAGE_FEAT_PRECOMPUTED:
+    #     box_features = boxes[:, :, 4:]
+    #     box_features[mvrc_ops == 1] = self.object_mask_visual_embedding.weight[0]
+    if mvrc_ops is not None:
+        visual_feats = visual_feats.clone()
+        visual_feats[mvrc_ops == 1] = sd["object_mask_visual_embedding.weight"][0]
     # FastRCNN (precomputed features)
     box_inds = box_mask.nonzero()
     im_info = image_size
@@ -155,6 +177,9 @@ def official_forward(sd: dict[str, torch.Tensor], cfg: VLBertConfig, input_ids, 
     no_region = ~box_mask.any(1)
     text_vis[no_region] = sd["aux_text_visual_embedding.weight"][0]
     obj_ling = sd["object_linguistic_embeddings.weight"][torch.zeros(B, Lv, dtype=torch.long)]
+    # WITH_MVRC_LOSS: object_linguistic_embeddings[mvrc_ops == 1] = self.object_mask_word_embedding.weight[0]
+    if mvrc_ops is not None:
+        obj_ling[mvrc_ops == 1] = sd["object_mask_word_embedding.weight"][0]
     object_vl = torch.cat((obj_reps, obj_ling), -1)
 
     # VisualLinguisticBert.embedding
@@ -236,10 +261,10 @@ def test_geometry_matches_official_formula():
 def test_matches_official_forward(visual_ln, V):
     cfg = small(visual_ln=visual_ln, visual_size=V)
     sd = official_state_dict(cfg)
-    inferred, _ = VLBert.from_official(sd)
+    inferred = VLBert.from_official(sd)
     # every size is inferred but the head count, taken as hidden_size // 64 (BERT's head dim)
     assert inferred.config == cfg.replace(num_attention_heads=1)
-    model, report = VLBert.from_official(sd, config=cfg)
+    model, report = VLBert.from_official(sd, config=cfg, output_loading_info=True)
     assert report.missing == [] and report.unexpected == sorted("module." + k for k in HEAD_KEYS)
     model.eval()
     inp = batch(cfg)
@@ -254,6 +279,126 @@ def test_matches_official_forward(visual_ln, V):
         torch.testing.assert_close(out.last_hidden_state[:, :Lt][tm], t_ref[tm], rtol=0, atol=1e-5)
         torch.testing.assert_close(out.last_hidden_state[:, Lt:][vm], o_ref[vm], rtol=0, atol=1e-5)
         torch.testing.assert_close(out.pooler_output, p_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("visual_ln,V", [(True, 48), (True, 64), (False, 64)], ids=["op-1x1", "op-relu", "plain"])
+def test_matches_official_forward_with_masked_rois(visual_ln, V, padding_free):
+    """MVRC masking (ResNetVLBERTForPretrainingMultitask.forward): a masked RoI's feature
+    -> object_mask_visual_embedding, its [IMG] -> object_mask_word_embedding.  vlfast's
+    img_masks = the official mvrc_ops == 1; a ragged batch (a row without regions, a
+    masked padded slot), fused op with and without visual_1x1 and the plain path."""
+    cfg = small(visual_ln=visual_ln, visual_size=V)
+    sd = official_state_dict(cfg)
+    model, report = VLBert.from_official(sd, config=cfg, output_loading_info=True)
+    assert report.missing == [] and report.unexpected == sorted("module." + k for k in HEAD_KEYS)
+    model.eval()
+    inp = batch(cfg)
+    m = masked_rois(inp)
+    tm, vm = inp["attention_mask"], inp["visual_mask"]
+    Lt = tm.shape[1]
+    # tags may point at masked and padded region slots
+    tags = torch.randint(0, 5, (3, 7), generator=torch.Generator().manual_seed(1)) * tm
+    for text_tags in (None, tags):
+        with torch.no_grad():
+            out = model(**inp, text_tags=text_tags, img_masks=m, padding_free=padding_free)
+            t_ref, o_ref, p_ref = official_forward(sd, cfg, **inp, text_tags=text_tags, mvrc_ops=m.long())
+            _, o_plain, _ = official_forward(sd, cfg, **inp, text_tags=text_tags)
+        assert (o_ref[vm] - o_plain[vm]).abs().max() > 1e-2       # the masking matters
+        torch.testing.assert_close(out.last_hidden_state[:, :Lt][tm], t_ref[tm], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.last_hidden_state[:, Lt:][vm], o_ref[vm], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.pooler_output, p_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("visual_ln,V", [(True, 48), (True, 64), (False, 64)], ids=["op-1x1", "op-relu", "plain"])
+def test_no_masked_roi_is_bitwise_the_plain_model(visual_ln, V):
+    """img_masks with no True at a real region (all False, padded slots only, 0/1 ints)
+    gives exactly the img_masks=None outputs; a masked RoI's own feature is never read."""
+    cfg = small(visual_ln=visual_ln, visual_size=V)
+    model = randomize(VLBert(cfg)).eval()
+    inp = batch(cfg)
+    pad_only = ~inp["visual_mask"]
+    m = masked_rois(inp)
+    other = dict(inp, visual_feats=torch.where(m[..., None], torch.randn_like(inp["visual_feats"]),
+                                               inp["visual_feats"]))
+    for pf in (False, True):
+        with torch.no_grad():
+            ref = model(**inp, padding_free=pf)
+            for mm in (torch.zeros_like(pad_only), pad_only, pad_only.long()):
+                out = model(**inp, img_masks=mm, padding_free=pf)
+                assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+                assert torch.equal(out.pooler_output, ref.pooler_output)
+            a, b = model(**inp, img_masks=m, padding_free=pf), model(**other, img_masks=m, padding_free=pf)
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+        assert not torch.allclose(a.last_hidden_state, ref.last_hidden_state, atol=1e-3)
+
+
+def test_mvrc_rows_load_round_trip_and_init():
+    cfg = small()
+    sd = official_state_dict(cfg, heads=False)
+    model, report = VLBert.from_official(sd, output_loading_info=True)
+    assert report.missing == [] and report.unexpected == []
+    ours, off = model.state_dict(), to_official(model.state_dict())
+    for k, shape in (("object_mask_visual_embedding.weight", (1, cfg.visual_feat_dim)),
+                     ("object_mask_word_embedding.weight", (1, cfg.hidden_size))):
+        assert ours[k].shape == shape
+        assert torch.equal(ours[k], sd["module." + k]) and torch.equal(off[k], sd["module." + k])
+        assert convert_official({k: off[k]}) == {k: off[k]}
+    # a fine-tuning checkpoint has neither row: reported missing, left at init
+    ft = {k: v for k, v in sd.items() if "object_mask_" not in k}
+    _, report = VLBert.from_official(ft, output_loading_info=True)
+    assert sorted(report.missing) == ["object_mask_visual_embedding.weight", "object_mask_word_embedding.weight"]
+    # the feature width also reads off the visual row
+    assert infer_config({"object_mask_visual_embedding.weight": torch.zeros(1, 40)}).visual_feat_dim == 40
+    # official init_weight: the visual row 0.0, the word row normal(0, initializer_range)
+    base = VLBert(VLBertConfig.base().replace(num_hidden_layers=1))
+    v, w = base.object_mask_visual_embedding.weight.detach(), base.object_mask_word_embedding.weight.detach()
+    assert v.shape == (1, 2048) and v.abs().max() == 0
+    assert w.shape == (1, 768) and 0.018 < float(w.std()) < 0.022 and abs(float(w.mean())) < 0.004
+
+
+def test_masked_roi_objective_batch_reaches_the_model_with_its_mask():
+    """The masked_roi pretraining path (collator task "mrc-vlbert" -> PretrainModel ->
+    VLBatch.model_inputs): the batch's img_masks reach VLBert, so the loss depends on
+    both MVRC rows and both get gradients; padded = padding-free."""
+    import numpy as np
+
+    from vlfast.data.batch import ImageRecord
+    from vlfast.data.collate import collate_pretrain
+    from vlfast.training.pretrain import build_pretrain_model
+
+    cfg = small(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, visual_dropout_prob=0.0)
+    rng, C = np.random.default_rng(0), 7
+    recs = {}
+    for i, n in enumerate((6, 4)):
+        xy = rng.random((n, 2)) * 0.5
+        boxes = np.concatenate([xy, xy + 0.1 + rng.random((n, 2)) * 0.4], 1).astype(np.float32)
+        recs[f"i{i}"] = ImageRecord(f"i{i}", rng.standard_normal((n, cfg.visual_feat_dim)).astype(np.float32), boxes,
+                                    soft_labels=rng.dirichlet(np.ones(C), n).astype(np.float32), width=640, height=480)
+    samples = [{"input_ids": [1, 10, 11, 12, 2], "img_id": "i0", "id": 0},
+               {"input_ids": [1, 13, 2], "img_id": "i1", "id": 1}]
+    b = collate_pretrain(samples, "mrc-vlbert", recs, rng=0, mask_prob=0.3)
+    assert b.targets["img_masks"].any()
+    torch.manual_seed(0)
+    pm = build_pretrain_model("vlbert", cfg, ["masked_roi"], num_region_classes=C).eval()
+    vl = randomize(pm.backbone)
+    assert torch.equal(b.model_inputs(vl)["img_masks"], b.targets["img_masks"])
+    with torch.no_grad():
+        l0 = float(pm(b, "masked_roi").loss)
+        # (random changes: a constant shift of the [IMG] row would vanish in the LayerNorm)
+        g = torch.Generator().manual_seed(2)
+        vl.object_mask_visual_embedding.weight.add_(torch.randn(1, cfg.visual_feat_dim, generator=g))
+        l1 = float(pm(b, "masked_roi").loss)
+        vl.object_mask_word_embedding.weight.add_(torch.randn(1, cfg.hidden_size, generator=g))
+        l2 = float(pm(b, "masked_roi").loss)
+        pm.padding_free = True
+        l2_pf = float(pm(b, "masked_roi").loss)
+        pm.padding_free = False
+    assert abs(l1 - l0) > 1e-4 and abs(l2 - l1) > 1e-4 and abs(l2_pf - l2) < 1e-5
+    pm.zero_grad(set_to_none=True)
+    pm(b, "masked_roi").loss.backward()
+    assert vl.object_mask_visual_embedding.weight.grad.abs().max() > 0
+    assert vl.object_mask_word_embedding.weight.grad.abs().max() > 0
 
 
 def test_output_contract():
@@ -330,7 +475,7 @@ def test_backward_reaches_every_parameter(visual_ln):
     model = randomize(VLBert(cfg))
     model.train()
     inp = batch(cfg)     # row 1 has no region: aux_text_visual_embedding is used
-    out = model(**inp)
+    out = model(**inp, img_masks=masked_rois(inp))   # masked RoIs: the two MVRC rows are used
     (out.last_hidden_state.pow(2).sum() + out.pooler_output.sum()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert no_grad == []
@@ -350,14 +495,14 @@ def test_from_official_reports_and_prefixes():
     cfg = small()
     for prefix in ("", "module."):
         sd = official_state_dict(cfg, prefix=prefix, heads=False)
-        model, report = VLBert.from_official(sd)
+        model, report = VLBert.from_official(sd, output_loading_info=True)
         assert report.missing == [] and report.unexpected == []
         ours = model.state_dict()
         for k, v in convert_official(sd).items():
             assert torch.equal(ours[k], v), k
     # released pretraining checkpoints have no pooler: reported, left at init
     sd = official_state_dict(cfg, pooler=False)
-    model, report = VLBert.from_official(sd)
+    model, report = VLBert.from_official(sd, output_loading_info=True)
     assert report.missing == ["pooler.dense.bias", "pooler.dense.weight"]
     assert "module.vlbert.mlm_head.predictions.bias" in report.unexpected
     # an explicit config with the wrong sizes: error naming the key and both shapes
@@ -369,7 +514,7 @@ def test_from_official_file(tmp_path):
     cfg = small()
     sd = official_state_dict(cfg, heads=False)
     torch.save({"state_dict": sd}, tmp_path / "vl-bert-small.model")
-    model, report = VLBert.from_official(tmp_path / "vl-bert-small.model")
+    model, report = VLBert.from_official(tmp_path / "vl-bert-small.model", output_loading_info=True)
     assert report.missing == [] and report.unexpected == []
     assert torch.equal(model.end_embedding.weight, sd["module.vlbert.end_embedding.weight"])
 

@@ -464,7 +464,7 @@ def test_visualbert_mlm_sip_is_hf_visualbert_for_pretraining_loss():
     torch.manual_seed(0)
     cfg = small_config("visualbert")
     hf = transformers.VisualBertForPreTraining(transformers.VisualBertConfig(**config_to_hf(cfg))).eval()
-    net, _ = VisualBert.from_hf(hf)
+    net = VisualBert.from_hf(hf)
     pm = PretrainModel(net, {"mlm": O.MaskedLanguageModeling(cfg.hidden_size, cfg.vocab_size),
                              "sip": O.SentenceImagePrediction(cfg.hidden_size)}, {"mlm+sip": ("mlm", "sip")}).eval()
     rep = pm.load_official_heads(hf.state_dict(), strict=True)

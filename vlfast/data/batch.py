@@ -163,7 +163,8 @@ class VLBatch:
 
     def model_inputs(self, model: Any, **extra: Any) -> dict[str, Any]:
         """Keyword arguments of ``model``'s forward (any of the four models), with the
-        model's box format; ``extra`` is merged in (e.g. padding_free=True)."""
+        model's box format; ``extra`` is merged in (e.g. padding_free=True).  UNITER and
+        VL-BERT also get ``targets["img_masks"]`` (the masked regions) when the batch has it."""
         kind = _model_kind(model)
         kw: dict[str, Any] = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
                                   token_type_ids=self.token_type_ids, visual_feats=self.visual_feats,
@@ -177,5 +178,7 @@ class VLBatch:
         elif kind == "vlbert":
             kw["visual_boxes"] = box_features(self.boxes, "vlbert", self.image_size)
             kw["image_size"] = self.image_size
+            if "img_masks" in self.targets:     # masked RoIs (MVRC): the official mask rows
+                kw["img_masks"] = self.targets["img_masks"]
         kw.update(extra)
         return kw

@@ -23,6 +23,17 @@ Embeddings (``VisualLinguisticBert.embedding``)::
     [END]  : end_embedding
     each   + position + token type, then embedding_LayerNorm and dropout.
 
+Masked RoIs (MVRC pretraining, ``ResNetVLBERTForPretrainingMultitask.forward``; here the
+``img_masks`` (B, Lv) bool argument, True = masked, which ``VLBatch.model_inputs`` passes
+from ``batch.targets["img_masks"]``): a masked region's FEATURE is replaced by
+``object_mask_visual_embedding`` (1, visual_feat_dim) before ``obj_downsample`` (its box
+geometry is kept; officially ``box_features[mvrc_ops == 1] = ...weight[0]``), so its
+obj_reps -- and the text visual embedding of words tagged to it -- come from that row;
+and its [IMG] token is ``object_mask_word_embedding`` (1, hidden) instead of
+``object_linguistic_embeddings`` (``object_linguistic_embeddings[mvrc_ops == 1] = ...``).
+Official init: the visual row 0.0, the word row normal(0, initializer_range).  Without
+``img_masks`` (or with no True at a real region) the outputs are the plain model's.
+
 ``visual_1x1_*`` exist only when ``visual_size != hidden_size`` (the released configs use
 visual_size == hidden_size, so they have none); ``visual_ln=False`` replaces the two
 LayerNorms with learned scalars ``visual_scale_text`` / ``visual_scale_object``.  The
@@ -67,18 +78,23 @@ Official state_dict (``module.`` optional; ``convert_official`` / ``to_official`
     image_feature_extractor.obj_downsample.1.*    <-> obj_downsample.*
     object_linguistic_embeddings.weight           <-> object_linguistic_embeddings.weight
     aux_text_visual_embedding.weight              <-> aux_text_visual_embedding.weight
+    object_mask_visual_embedding.weight           <-> object_mask_visual_embedding.weight
+    object_mask_word_embedding.weight             <-> object_mask_word_embedding.weight
 
+The two MVRC masking rows exist only in MVRC pretraining checkpoints (fine-tuning models
+have neither; end-to-end pretraining with ``MASK_RAW_PIXELS`` has no visual row): where
+absent the report lists them as missing (left at init; only ``img_masks`` uses them).
 Everything else in a full checkpoint -- pretraining heads (``vlbert.mlm_head``,
-``vlbert.mvrc_head``, ``vlbert.relationsip_head``), MVRC masking rows
-(``object_mask_visual_embedding``, ``object_mask_word_embedding``), the CNN of end-to-end
-checkpoints (``image_feature_extractor.backbone`` / ``roi_head_feature_extractor`` /
-``head``), task heads (``final_mlp``, ...) -- is reported as unused.  The released
+``vlbert.mvrc_head``, ``vlbert.relationsip_head``), the CNN of end-to-end checkpoints
+(``image_feature_extractor.backbone`` / ``roi_head_feature_extractor`` / ``head``), task
+heads (``final_mlp``, ...) -- is reported as unused.  The released
 pretraining configs have ``with_pooler: false``: their checkpoints carry no
 ``vlbert.pooler.*`` and the report lists ``pooler.*`` as missing (left at init).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Any, ClassVar, Optional, Union
 
@@ -87,12 +103,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlfast import ops
-from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, load_hf_bert,
-                                load_state_dict_file, load_with_report)
+from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
+                                load_hf_bert, load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, SingleStreamOutput, as_bool_mask, check_feats,
                                   check_ids, fail, init_bert_weights)
 
 NAME = "VLBert"
+logger = logging.getLogger(__name__)
 BOX_WAVE_LENGTH = 1000.0   # coordinate_embeddings: p / 1000 ** (i / d)
 BOX_SCALE = 100.0          # coordinates are fractions of the image size times 100
 OBJECT_TOKEN_TYPE = 2      # objects and [END]
@@ -182,8 +199,8 @@ class VLBert(PretrainedModel):
     ``model(input_ids, attention_mask=None, token_type_ids=None, visual_feats=None,
     visual_boxes=None, visual_mask=None, visual_token_type_ids=None,
     image_text_alignment=None, output_attentions=False, output_hidden_states=False,
-    padding_free=False, image_size=None, text_tags=None)``; see the module docstring for
-    the packing and outputs.
+    padding_free=False, image_size=None, text_tags=None, img_masks=None)``; see the
+    module docstring for the packing, the masked RoIs and the outputs.
     """
 
     config_class = VLBertConfig
@@ -225,6 +242,14 @@ class VLBert(PretrainedModel):
             with torch.no_grad():
                 self.visual_ln_text.weight.fill_(c.visual_scale_text_init)
                 self.visual_ln_object.weight.fill_(c.visual_scale_object_init)
+        # MVRC masking rows (official ResNetVLBERTForPretrainingMultitask): init_weight fills
+        # the visual row with 0.0 and draws the word row from normal(0, initializer_range).
+        # Registered last and built from given tensors, so the draws of every other
+        # parameter's initialisation are unchanged.
+        self.object_mask_visual_embedding = nn.Embedding(1, c.visual_feat_dim,
+                                                         _weight=torch.zeros(1, c.visual_feat_dim))
+        self.object_mask_word_embedding = nn.Embedding(1, E, _weight=torch.empty(1, E))
+        nn.init.normal_(self.object_mask_word_embedding.weight, std=c.initializer_range)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -255,13 +280,17 @@ class VLBert(PretrainedModel):
                 visual_boxes: Optional[Tensor] = None, visual_mask: Optional[Tensor] = None,
                 visual_token_type_ids: Optional[Tensor] = None, image_text_alignment: Optional[Tensor] = None,
                 output_attentions: bool = False, output_hidden_states: bool = False, padding_free: bool = False,
-                image_size: Optional[Tensor] = None, text_tags: Optional[Tensor] = None) -> SingleStreamOutput:
+                image_size: Optional[Tensor] = None, text_tags: Optional[Tensor] = None,
+                img_masks: Optional[Tensor] = None) -> SingleStreamOutput:
         """input_ids (B,Lt) with [CLS]/[SEP] as the tokenizer gives them; attention_mask
         (B,Lt); token_type_ids (B,Lt) (default 0); visual_feats (B,Lv,visual_feat_dim);
         visual_boxes (B,Lv,4) [x1,y1,x2,y2] in pixels; image_size (B,2) (width, height) in
         the same pixels; visual_mask (B,Lv); visual_token_type_ids (B,Lv) (default 2);
         text_tags (B,Lt) the visual slot whose representation each text token gets
-        (default: the row's first real region).  image_text_alignment must be None.
+        (default: the row's first real region); img_masks (B,Lv) bool or 0/1, True = a
+        masked RoI (MVRC: its feature becomes ``object_mask_visual_embedding``, its [IMG]
+        ``object_mask_word_embedding``; padded slots are ignored), None = none masked.
+        image_text_alignment must be None.
 
         Returns SingleStreamOutput: last_hidden_state (B,Lt+Lv,E), pooler_output (B,E),
         hidden_states / attentions when asked (see the module docstring)."""
@@ -284,11 +313,13 @@ class VLBert(PretrainedModel):
         # the scalar visual_scale_* variant (visual_ln=False) stays plain torch
         fused = c.visual_ln and visual_feats is not None and self.visual_ln_object.eps == self.embedding_LayerNorm.eps
         obj_hidden = obj_reps = None
+        masked: Optional[Tensor] = None        # (B,Lv) bool: masked real RoIs (img_masks & visual_mask)
 
         # ---- visual inputs -> object representations
         if visual_feats is None:
             for name, val in (("visual_boxes", visual_boxes), ("visual_mask", visual_mask),
-                              ("visual_token_type_ids", visual_token_type_ids), ("text_tags", text_tags)):
+                              ("visual_token_type_ids", visual_token_type_ids), ("text_tags", text_tags),
+                              ("img_masks", img_masks)):
                 if val is not None:
                     fail(NAME, name, "None when visual_feats is None", f"a {type(val).__name__}")
             Lv = 0
@@ -305,7 +336,13 @@ class VLBert(PretrainedModel):
                      f"shape {tuple(visual_boxes.shape)}")
             image_size = self._check_image_size(image_size, B)
             v_mask = as_bool_mask(NAME, "visual_mask", visual_mask, (B, Lv), dev)
-            obj_hidden = self._object_hidden(visual_feats.to(dtype), visual_boxes.to(dev), image_size.to(dev))
+            feats = visual_feats.to(dtype)
+            if img_masks is not None:
+                # official (precomputed features): box_features[mvrc_ops == 1] =
+                # object_mask_visual_embedding.weight[0], before FastRCNN (geometry kept)
+                masked = as_bool_mask(NAME, "img_masks", img_masks, (B, Lv), dev) & v_mask
+                feats = torch.where(masked[..., None], self.object_mask_visual_embedding.weight[0].to(dtype), feats)
+            obj_hidden = self._object_hidden(feats, visual_boxes.to(dev), image_size.to(dev))
             if not fused:
                 obj_reps = F.relu(obj_hidden)
                 obj_reps = obj_reps * v_mask[..., None].to(obj_reps.dtype)    # official: zeros at padded slots
@@ -335,7 +372,11 @@ class VLBert(PretrainedModel):
             text_vis = aux
         text_emb = self.word_embeddings(input_ids) + self._visual(text_vis, "text")
         if not fused:
-            obj_emb = self.object_linguistic_embeddings.weight[0] + self._visual(obj_reps, "object")
+            img = self.object_linguistic_embeddings.weight[0]
+            if masked is not None:
+                # official: object_linguistic_embeddings[mvrc_ops == 1] = object_mask_word_embedding.weight[0]
+                img = torch.where(masked[..., None], self.object_mask_word_embedding.weight[0], img)
+            obj_emb = img + self._visual(obj_reps, "object")
         end_emb = self.end_embedding.weight[0].expand(B, 1, -1)
 
         # ---- positions and token types of [text slots][visual slots][END]
@@ -363,9 +404,19 @@ class VLBert(PretrainedModel):
             else:
                 obj_in, relu, omask = obj_hidden, True, v_mask
             vln = self.visual_ln_object
-            obj = ops.vlbert_visual_embeddings(obj_in, pos[:, Lt:Lt + Lv], types[:, Lt:Lt + Lv],
+            o_types, type_w = types[:, Lt:Lt + Lv], self.token_type_embeddings.weight
+            if masked is not None:
+                # the [IMG] -> object_mask_word_embedding swap at masked slots: the op adds the
+                # one [IMG] row to every slot, so the masked slots' difference rides on a second
+                # copy of the token-type table, rows T..2T-1 = type + (mask_word - [IMG]),
+                # picked by type id + T (other slots read the same rows as without img_masks)
+                T = type_w.shape[0]
+                delta = self.object_mask_word_embedding.weight[0] - self.object_linguistic_embeddings.weight[0]
+                type_w = torch.cat((type_w, type_w + delta), 0)
+                o_types = o_types + masked.long() * T
+            obj = ops.vlbert_visual_embeddings(obj_in, pos[:, Lt:Lt + Lv], o_types,
                                                self.object_linguistic_embeddings.weight,
-                                               self.position_embeddings.weight, self.token_type_embeddings.weight,
+                                               self.position_embeddings.weight, type_w,
                                                vln.weight, vln.bias, ln.weight, ln.bias, visual_mask=omask,
                                                relu=relu, eps=ln.eps, dropout_p=p)
             x = torch.cat((te[:, :Lt], obj.to(te.dtype), te[:, Lt:]), 1)
@@ -446,8 +497,8 @@ class VLBert(PretrainedModel):
         return model
 
     @classmethod
-    def from_official(cls, src: Union[dict[str, Tensor], PathLike], config: Optional[VLBertConfig] = None
-                      ) -> tuple["VLBert", ConversionReport]:
+    def from_official(cls, src: Union[dict[str, Tensor], PathLike], config: Optional[VLBertConfig] = None, *,
+                      output_loading_info: bool = False) -> Union["VLBert", tuple["VLBert", ConversionReport]]:
         """Build from an official jackroos/VL-BERT state_dict (or a file holding one),
         keys with or without ``module.``.  Without ``config`` the sizes are inferred:
         vocab_size, hidden_size, max_position_embeddings, type_vocab_size,
@@ -455,8 +506,10 @@ class VLBert(PretrainedModel):
         obj_downsample), visual_feat_dim (obj_downsample's input minus the geometry,
         box_embed_dim being the official 256), visual_ln; num_attention_heads =
         hidden_size // 64 (12 for base, 16 for large); the rest is the base config's.
-        Returns (model, report) -- report lists our parameters the source lacks and the
-        source keys we do not use, under the source's own names."""
+        Returns the model; ``(model, report)`` with ``output_loading_info=True`` -- report
+        lists our parameters the source lacks (also logged as a warning) and the source
+        keys we do not use, under the source's own names.  A source with none of the
+        model's tensors raises ValueError."""
         sd = load_state_dict_file(src) if not isinstance(src, dict) else src
         pairs = _official_to_ours(sd)                         # (source key, our key, tensor)
         ours = {k: v for _, k, v in pairs}
@@ -466,7 +519,8 @@ class VLBert(PretrainedModel):
         own = set(model.state_dict())
         missing, _ = load_with_report(model, {k: v for k, v in ours.items() if k in own})
         unexpected = sorted(src_k for src_k, k, _ in pairs if k not in own)
-        return model, ConversionReport(missing=missing, unexpected=unexpected)
+        return finish_loading(f"{NAME}.from_official", model, ConversionReport(missing=missing, unexpected=unexpected),
+                              output_loading_info, logger)
 
 
 # ----------------------------------------------------------------------------------
@@ -477,7 +531,8 @@ _VLBERT_MODULES = ("word_embeddings.", "end_embedding.", "position_embeddings.",
                    "embedding_LayerNorm.", "visual_1x1_text.", "visual_1x1_object.", "visual_ln_text.",
                    "visual_ln_object.", "encoder.", "pooler.")
 _VLBERT_PARAMS = ("visual_scale_text", "visual_scale_object")
-_TOP = ("object_linguistic_embeddings.", "aux_text_visual_embedding.")
+_TOP = ("object_linguistic_embeddings.", "aux_text_visual_embedding.", "object_mask_visual_embedding.",
+        "object_mask_word_embedding.")      # the same names in both layouts
 _OBJ_OFFICIAL, _OBJ_OURS = "image_feature_extractor.obj_downsample.1.", "obj_downsample."
 
 
@@ -548,6 +603,8 @@ def infer_config(sd: dict[str, Tensor], base: Optional[VLBertConfig] = None) -> 
                              f"input size > {cfg.geometry_dim} (geometry 8 x box_embed_dim={cfg.box_embed_dim} "
                              f"+ features), got shape {tuple(sd['obj_downsample.weight'].shape)}")
         ch["visual_feat_dim"] = n_in - cfg.geometry_dim
+    elif "object_mask_visual_embedding.weight" in sd:
+        ch["visual_feat_dim"] = int(sd["object_mask_visual_embedding.weight"].shape[1])
     if "visual_scale_text" in sd or "visual_scale_object" in sd:
         ch["visual_ln"] = False
     return cfg.replace(**ch)
