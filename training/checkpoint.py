@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import UserError
+
 PathLike = Union[str, os.PathLike]
 FORMAT = "vlfast-train"
 BEST_FORMAT = "vlfast-best"
@@ -227,28 +229,62 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
 # Model weights only (--init-checkpoint)
 # ----------------------------------------------------------------------------------------
 
+class InitCheckpointError(UserError, ValueError):
+    """An ``--init-checkpoint`` that does not fit the model: it provides none, or only
+    part, of the backbone (without ``init.allow_partial``), or a tensor of another
+    shape.  A user error: the CLI prints it as one line and exits 2."""
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_model_weights` did: ``loaded`` keys, ``missing`` (in the model,
-    not in the file), ``unexpected`` (in the file, not in the model), ``mismatched``
-    (same name, other shape: ``(key, file shape, model shape)``; skipped), ``grown``
-    (word-embedding tables with more rows in the model than in the file -- a
-    vocabulary grown by special tokens, e.g. UNITER's VCR tags -- whose first rows were loaded:
-    ``(key, file rows, model rows)``)."""
+    not in the file), ``unexpected`` (in the file, not used), ``mismatched`` (same name,
+    other shape: ``(key, file shape, model shape)``; skipped), ``grown`` (word-embedding
+    tables with more rows in the model than in the file -- a vocabulary grown by
+    special tokens, e.g. UNITER's VCR tags -- whose first rows were loaded: ``(key, file
+    rows, model rows)``).  For a vlfast model (one with a ``backbone``) also: ``kind``
+    (what the file is and which layout its names were read in), ``backbone_total``,
+    ``fresh`` (the model's own head tensors the file does not provide: new task heads,
+    initialised fresh) and ``expected_missing`` (backbone tensors the model's releases
+    are known to lack, e.g. VL-BERT's pooler)."""
     source: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     grown: list[tuple[str, int, int]] = field(default_factory=list)
+    kind: str = ""
+    backbone_total: int = 0
+    fresh: list[str] = field(default_factory=list)
+    expected_missing: list[str] = field(default_factory=list)
+
+    @property
+    def backbone_loaded(self) -> list[str]:
+        return [k for k in self.loaded if k.startswith("backbone.")]
+
+    @property
+    def backbone_missing(self) -> list[str]:
+        return [k for k in self.missing if k.startswith("backbone.") and k not in self.expected_missing]
 
     def __str__(self) -> str:
         def cut(keys: list) -> str:
             shown = ", ".join(map(str, keys[:20]))
             return shown + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-        lines = [f"init checkpoint {self.source}: loaded {len(self.loaded)} tensors"]
-        if self.missing:
-            lines.append(f"  missing in the checkpoint ({len(self.missing)}, left as initialised): {cut(self.missing)}")
+        head = f"init checkpoint {self.source}"
+        if self.kind:
+            head += f" ({self.kind})"
+        lines = [f"{head}: loaded {len(self.loaded)} tensors"
+                 + (f" ({len(self.backbone_loaded)} of the backbone's {self.backbone_total}, "
+                    f"{len(self.loaded) - len(self.backbone_loaded)} of the heads)" if self.backbone_total else "")]
+        if self.fresh:
+            lines.append(f"  initialised fresh ({len(self.fresh)}, heads the checkpoint does not have): "
+                         f"{cut(_prefixes(self.fresh))}")
+        if self.expected_missing:
+            lines.append(f"  not in this release, as expected ({len(self.expected_missing)}, left as initialised): "
+                         f"{cut(self.expected_missing)}")
+        other = [k for k in self.missing if k not in self.fresh and k not in self.expected_missing]
+        if other:
+            lines.append(f"  missing in the checkpoint ({len(other)}, left as initialised): {cut(other)}")
         if self.unexpected:
             lines.append(f"  unexpected in the checkpoint ({len(self.unexpected)}, ignored): {cut(self.unexpected)}")
         if self.grown:
@@ -260,68 +296,202 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _prefixes(keys: list[str]) -> list[str]:
+    """Parameter names grouped by module: ``vqa_output.0.weight`` -> ``vqa_output.*``."""
+    out: list[str] = []
+    for k in keys:
+        p = k.split(".")[0] + ".*" if "." in k else k
+        if p not in out:
+            out.append(p)
+    return out
+
+
+DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Model weights from ``path``: a training checkpoint (its ``model``), a best
-    checkpoint, a plain ``torch.save``'d state_dict (``.pt``/``.bin``), a
-    ``.safetensors`` file, or a vlfast model directory (``model.safetensors``).
-    A ``module.`` prefix on every key (a saved DDP wrapper) is stripped."""
+    """Model weights from ``path`` (see :func:`read_weights`)."""
+    return read_weights(path)[0]
+
+
+def read_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, what it is) from ``path``: a vlfast training or best checkpoint
+    (its ``model``), a model directory (``model.safetensors`` or HF's
+    ``pytorch_model.bin``: a ``vlfast.convert`` / ``save_pretrained`` / HF directory), a
+    ``.safetensors`` file, or a ``torch.save``'d state_dict in any official wrapping
+    (UNITER ``.pt``, ViLBERT ``.bin``, VL-BERT ``.model`` with its ``state_dict``).  A
+    ``module.`` prefix on every key (a saved DDP/DataParallel wrapper) is stripped."""
     path = Path(path)
+    kind = "state_dict file"
     if path.is_dir():
-        cand = path / "model.safetensors"
-        if not cand.is_file():
-            raise FileNotFoundError(f"init checkpoint: directory {path} has no model.safetensors")
-        path = cand
+        cand = next((path / n for n in DIR_WEIGHTS if (path / n).is_file()), None)
+        if cand is None:
+            raise FileNotFoundError(f"init checkpoint: directory {path} has none of {', '.join(DIR_WEIGHTS)}")
+        path, kind = cand, "model directory"
     if not path.is_file():
         raise FileNotFoundError(f"init checkpoint: {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(path))
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- a torn, foreign or non-weights-only file
+            raise ValueError(f"init checkpoint: cannot read {path} as a checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from e
         if isinstance(obj, dict) and obj.get("format") in (FORMAT, BEST_FORMAT):
-            sd = obj["model"]
-        elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            sd = obj["state_dict"]
-        elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-            sd = obj["model"]
+            sd, kind = obj["model"], "vlfast training checkpoint"
         else:
             sd = obj
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            for key in ("state_dict", "model", "model_state_dict"):
+                if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                    sd = sd[key]
+                    break
+        if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise ValueError(f"init checkpoint {path}: expected a state_dict (name -> tensor), a vlfast training "
-                             "checkpoint or a .safetensors file")
+                             "checkpoint, a model directory or a .safetensors file")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return sd, f"{kind} {path}"
 
 
-def load_model_weights(model: nn.Module, path: PathLike) -> LoadReport:
-    """Load the weights in ``path`` into ``model`` non-strictly: matching names and
-    shapes are copied, the rest is reported (see :class:`LoadReport`)."""
-    sd = read_state_dict(path)
+def _copy_into(own: Mapping[str, torch.Tensor], tables: set[str], key: str, v: torch.Tensor,
+               rep: LoadReport, usable: dict[str, torch.Tensor]) -> bool:
+    """Take ``v`` for ``key`` when the shapes fit (or a grown word table); record a mismatch."""
+    a, b = tuple(v.shape), tuple(own[key].shape)
+    if a == b:
+        usable[key] = v
+        return True
+    if key in tables and len(a) == 2 and a[1] == b[1] and a[0] < b[0]:
+        # a grown vocabulary: the checkpoint's rows, the rest as initialised (UNITER's
+        # init_word_embedding / HF's resize_token_embeddings)
+        grown = own[key].clone()
+        grown[: a[0]] = v.to(grown.dtype)
+        usable[key] = grown
+        rep.grown.append((key, a[0], b[0]))
+        return True
+    rep.mismatched.append((key, a, b))
+    return False
+
+
+def _backbone_of(model: nn.Module) -> Optional[nn.Module]:
+    from vlfast.models.base import PretrainedModel
+
+    bb = getattr(model, "backbone", None)
+    return bb if isinstance(bb, PretrainedModel) else None
+
+
+def load_model_weights(model: nn.Module, path: PathLike, *, allow_partial: bool = True) -> LoadReport:
+    """Load the weights in ``path`` (see :func:`read_weights`) into ``model``.
+
+    A vlfast model (a pretraining model or a task head: a ``backbone`` plus heads)
+    takes every form of weights a user has, mapped by name onto the model:
+
+    1. the model's own names (a vlfast training checkpoint: pretraining -> fine-tuning
+       shares ``backbone.*``; an exported task head's ``head.safetensors``);
+    2. a backbone state_dict (a ``vlfast.convert`` / ``save_pretrained`` / HF VisualBERT
+       directory): ``X`` -> ``backbone.X``;
+    3. the backbone's official layout (UNITER ``uniter.*``, ViLBERT ``bert.*``, VL-BERT
+       ``vlbert.*``, VisualBERT uclanlp/HF ``visual_bert.*``), through the model
+       module's ``convert_official``;
+    4. official heads where the official code has the same head: the pretraining
+       objectives' official names (``PretrainModel.load_official_heads``: UNITER's
+       ``itm_output`` into ITM, ``cls.predictions`` into MLM, ...), UNITER's ITM head into
+       the retrieval head (``init_from_itm_head``); fine-tuning heads already use the
+       official names (step 1).
+
+    Every backbone tensor the file provides must fit (a shape mismatch is an
+    :class:`InitCheckpointError`), and the file must provide the whole backbone, less
+    what the model's releases are known to lack (``<Backbone>.release_missing``);
+    otherwise an :class:`InitCheckpointError` lists what is missing -- unless
+    ``allow_partial`` (``init.allow_partial=true``), which loads what fits.  Heads the
+    file lacks are initialised fresh and listed.  Other models (no backbone) load
+    matching names and shapes non-strictly (``allow_partial`` is not consulted).
+    """
+    sd, what = read_weights(path)
     own = model.state_dict()
     rep = LoadReport(source=str(path))
     # vocabulary tables (BERT's word_embeddings in all four models); position and type
     # tables are not grown this way
     tables = {f"{name}.weight" for name, mod in model.named_modules()
               if isinstance(mod, nn.Embedding) and name.split(".")[-1] == "word_embeddings"}
-    usable = {}
-    for k, v in sd.items():
-        if k not in own:
-            rep.unexpected.append(k)
-        elif tuple(own[k].shape) != tuple(v.shape):
-            a, b = tuple(v.shape), tuple(own[k].shape)
-            if k in tables and len(a) == 2 and a[1] == b[1] and a[0] < b[0]:
-                # a grown vocabulary: the checkpoint's rows, the rest as initialised (UNITER's
-                # init_word_embedding / HF's resize_token_embeddings)
-                grown = own[k].clone()
-                grown[: a[0]] = v.to(grown.dtype)
-                usable[k] = grown
-                rep.grown.append((k, a[0], b[0]))
-            else:
-                rep.mismatched.append((k, a, b))
-        else:
-            usable[k] = v
-    rep.missing = [k for k in own if k not in sd]
-    model.load_state_dict(usable, strict=False)
+    usable: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for k, v in sd.items():                                           # 1. our own names
+        if k in own:
+            used.add(k)
+            _copy_into(own, tables, k, v, rep, usable)
+    bb = _backbone_of(model)
+    layouts = ["vlfast"] if used else []
+    if bb is not None:
+        import importlib
+
+        rest = {k: v for k, v in sd.items() if k not in used}
+        n = len(used)
+        for k, v in rest.items():                                     # 2. a backbone state_dict
+            if f"backbone.{k}" in own and f"backbone.{k}" not in usable:
+                used.add(k)
+                _copy_into(own, tables, f"backbone.{k}", v, rep, usable)
+        if len(used) > n:
+            layouts.append("backbone")
+        rest = {k: v for k, v in sd.items() if k not in used}
+        module = importlib.import_module(type(bb).__module__)
+        conv = getattr(module, "convert_official", None)
+        if rest and conv is not None:                                 # 3. the official layout
+            by_id = {id(v): k for k, v in rest.items()}
+            n = len(used)
+            for ck, v in conv(rest).items():
+                ours = f"backbone.{ck}"
+                if ours in own and ours not in usable:
+                    used.add(by_id.get(id(v), ck))
+                    _copy_into(own, tables, ours, v, rep, usable)
+            if len(used) > n:
+                layouts.append(f"official {bb.config.model_type}")
+        rest = {k: v for k, v in sd.items() if k not in used}
+        if rest and hasattr(model, "load_official_heads"):          # 4. official pretraining heads
+            head_keys = model.official_head_keys()
+            for ours, official in head_keys.items():
+                if official in rest and ours not in usable:
+                    used.add(official)
+                    _copy_into(own, tables, ours, rest[official], rep, usable)
+        if "itm_output.weight" in sd and hasattr(model, "init_from_itm_head"):
+            # UNITER's pretrained ITM head (2, E) -> the retrieval head's match row
+            w, b_ = sd["itm_output.weight"], sd.get("itm_output.bias")
+            target = [k for k in own if k.startswith("rank_output.")]
+            if b_ is not None and target and not any(k in usable for k in target) and w.dim() == 2 and w.shape[0] == 2:
+                usable["rank_output.weight"], usable["rank_output.bias"] = w[1:].clone(), b_[1:].clone()
+                used.update({"itm_output.weight", "itm_output.bias"})
+        rep.kind = what + (f", {' + '.join(layouts)} names" if layouts else "")
+        bb_keys = [k for k in own if k.startswith("backbone.")]
+        rep.backbone_total = len(bb_keys)
+        release_missing = tuple(getattr(type(bb), "release_missing", ()))
+        rep.expected_missing = [k for k in bb_keys if k not in usable
+                                and k[len("backbone."):].startswith(release_missing)] if release_missing else []
+        rep.fresh = [k for k in own if not k.startswith("backbone.") and k not in usable
+                     and k not in {m[0] for m in rep.mismatched}]
+    else:
+        rep.kind = what
+    rep.unexpected = [k for k in sd if k not in used]
+    shape_mismatch = {m[0] for m in rep.mismatched}
+    rep.missing = [k for k in own if k not in usable and k not in shape_mismatch]
     rep.loaded = sorted(usable)
+    if bb is not None:
+        bad = [m for m in rep.mismatched if m[0].startswith("backbone.")]
+        if bad and not allow_partial:
+            raise InitCheckpointError(
+                f"init checkpoint {path}: {len(bad)} backbone tensor(s) of another shape than the model's: "
+                + ", ".join(f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in bad[:5])
+                + (" ..." if len(bad) > 5 else "") + " (a checkpoint of another size? set model.config to its "
+                "sizes, or init.allow_partial=true to skip them)")
+        if rep.backbone_missing and not allow_partial:
+            miss = rep.backbone_missing
+            found = len(rep.backbone_loaded)
+            raise InitCheckpointError(
+                f"init checkpoint {path} ({what}): provides {found} of the {rep.backbone_total} "
+                f"{type(bb).__name__} backbone tensors; missing {len(miss)}: {', '.join(miss[:8])}"
+                + (f", ... ({len(miss) - 8} more)" if len(miss) > 8 else "")
+                + (f"; unused keys in it: {', '.join(rep.unexpected[:5])}" + (" ..." if len(rep.unexpected) > 5
+                                                                               else "") if rep.unexpected else "")
+                + " (a checkpoint of another model? init.allow_partial=true loads what fits)")
+    model.load_state_dict(usable, strict=False)
     return rep

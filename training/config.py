@@ -148,6 +148,14 @@ class CheckpointSection:
 
 
 @dataclass
+class InitSection:
+    """``--init-checkpoint`` loading: ``allow_partial``: accept a checkpoint that
+    provides only part of the backbone (the rest stays as initialised, and the run
+    header lists it); by default that is an error listing what is missing."""
+    allow_partial: bool = False
+
+
+@dataclass
 class EvalSection:
     """``every``: evaluate every N optimizer steps (0 = never during training);
     ``at_end``: evaluate after the last step."""
@@ -184,6 +192,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    init: InitSection = field(default_factory=InitSection)
     eval: EvalSection = field(default_factory=EvalSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
 

@@ -516,7 +516,7 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
     elif resume:
         msgs.append(f"resume: no checkpoint in {checkpoint_dir(run_dir)}: starting a new run")
     if state is None and init_checkpoint is not None:
-        report = load_model_weights(model, init_checkpoint)
+        report = load_model_weights(model, init_checkpoint, allow_partial=cfg.init.allow_partial)
         msgs.append(str(report))
 
     optimizer = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay, o.lr_multipliers, o.no_decay_1d)

@@ -78,6 +78,9 @@ class PretrainedModel(nn.Module):
     """
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    # parameter-name prefixes that released checkpoints of this model are known to lack
+    # (left as initialised without an error by --init-checkpoint)
+    release_missing: ClassVar[tuple[str, ...]] = ()
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint every encoder layer during training (see the class docstring)."""

@@ -203,6 +203,10 @@ class VLBert(PretrainedModel):
     module docstring for the packing, the masked RoIs and the outputs.
     """
 
+    # The released pretraining configs have with_pooler: false (no vlbert.pooler.*), and
+    # fine-tuning releases carry no MVRC rows (those live in the pretraining model).
+    release_missing = ("pooler.", "object_mask_visual_embedding.", "object_mask_word_embedding.")
+
     config_class = VLBertConfig
 
     def __init__(self, config: VLBertConfig):
