@@ -213,3 +213,16 @@ def test_cli_init_checkpoint_from_a_converted_dir(source, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlfast.train: init checkpoint ") and \
         "provides 0 of the 34 Uniter backbone tensors" in lines[0]
+
+
+def test_a_saved_task_head_directory_loads_backbone_and_head(source, tmp_path):
+    """TaskHead.save_pretrained (what vlfast.export writes for a fine-tuned run):
+    model.safetensors + head.safetensors -> every tensor of the fine-tuning model."""
+    donor = VLJob(_cfg("uniter", 1), source).model
+    donor.save_pretrained(tmp_path / "exported")
+    m = VLJob(_cfg("uniter", 2), source).model
+    rep = load_model_weights(m, tmp_path / "exported", allow_partial=False)
+    assert rep.fresh == [] and rep.unexpected == [] and rep.missing == []
+    assert rep.kind.startswith("task-head directory")
+    for k, v in donor.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
