@@ -83,9 +83,83 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], mode: str = "wb")
     return path
 
 
+SHA_SUFFIX = ".sha256"
+
+
+def sha256_path(path: PathLike) -> Path:
+    """The SHA-256 sidecar of a checkpoint: ``step_N.pt`` -> ``step_N.pt.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + SHA_SUFFIX)
+
+
+def _sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj, path)`` via :func:`atomic_write`."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj, path)`` via a temporary file, with a SHA-256 sidecar
+    (``<path>.sha256``) written atomically *before* the file is renamed into place, so
+    every complete checkpoint has its digest and a later corruption (a truncated, empty
+    or bit-flipped file) is detected at load (:func:`verify_checkpoint`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256_of(tmp)
+        atomic_write(sha256_path(path), lambda f: f.write(f"{digest}  {path.name}\n"), mode="w")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def verify_checkpoint(path: PathLike) -> Optional[str]:
+    """None when ``path`` is intact, else why not, in plain words: missing, empty, or
+    its SHA-256 differs from its sidecar's (a checkpoint written before sidecars
+    existed is checked by reading it instead)."""
+    path = Path(path)
+    if not path.is_file():
+        return "the file does not exist"
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    side = sha256_path(path)
+    if side.is_file():
+        want = side.read_text().split()[0] if side.read_text().split() else ""
+        got = _sha256_of(path)
+        if got != want:
+            return (f"its SHA-256 ({got[:12]}...) differs from the one recorded when it was written "
+                    f"({want[:12]}...; {side.name}): the file was truncated or changed ({size} bytes now)")
+        return None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any failure to read is corruption here
+        return f"it cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: PathLike) -> tuple[Optional[Path], list[str]]:
+    """(the newest step checkpoint of ``run_dir`` that verifies, the reasons each newer
+    one was passed over) -- what resume and ``vlfast.evaluate`` use."""
+    skipped: list[str] = []
+    for _, p in reversed(list_checkpoints(run_dir)):
+        why = verify_checkpoint(p)
+        if why is None:
+            return p, skipped
+        skipped.append(f"{p} is corrupt: {why}")
+    return None, skipped
 
 
 def remove_stale_temp_files(folder: PathLike) -> list[Path]:
@@ -204,6 +278,7 @@ def prune_checkpoints(run_dir: PathLike, keep_last: int) -> list[Path]:
     removed = []
     for _, p in ck[:-keep_last]:
         p.unlink(missing_ok=True)
+        sha256_path(p).unlink(missing_ok=True)
         removed.append(p)
     return removed
 
@@ -213,6 +288,9 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: {path} does not exist")
+    why = verify_checkpoint(path) if sha256_path(path).is_file() or path.stat().st_size == 0 else None
+    if why is not None:
+        raise RuntimeError(f"load_checkpoint: {path} is corrupt: {why}")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a torn or foreign file

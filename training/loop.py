@@ -72,6 +72,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Protocol, Union, runtime_checkable
@@ -82,7 +83,8 @@ from torch import Tensor, nn
 
 from .checkpoint import (BEST_FORMAT, FORMAT, VERSION, atomic_torch_save, atomic_write, best_checkpoint_path,
                          check_weights_only_safe, checkpoint_dir, list_checkpoints,
-                         load_checkpoint, load_model_weights, prune_checkpoints, remove_stale_temp_files,
+                         load_checkpoint, load_model_weights, newest_intact_checkpoint, prune_checkpoints,
+                         remove_stale_temp_files,
                          rng_state, seed_everything, set_rng_state, step_checkpoint_path)
 from .config import TrainConfig, config_diff, load_config, save_config
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier, cleanup,
@@ -482,6 +484,42 @@ def train(job: Job, config: TrainConfig, run_dir: PathLike, resume: bool = False
             cleanup()
 
 
+def _record_keys(meta: Any) -> str:
+    """The record keys of a batch, for an error message: its example ids and images."""
+    if not isinstance(meta, Mapping):
+        return "(no record keys: the batch has no meta)"
+    parts = []
+    for key in ("ids", "img_ids"):
+        vals = meta.get(key)
+        if vals:
+            vals = list(vals)
+            parts.append(f"{key}={vals[:16]}" + (f" ... ({len(vals)} in all)" if len(vals) > 16 else ""))
+    return ", ".join(parts) or "(the batch names no records)"
+
+
+def _check_finite_step(nonfinite: Tensor, grad_norm: Optional[Tensor], metas: list[Any], task: str, step: int,
+                       last_saved: Optional[Path], info: DistInfo) -> None:
+    """Raise FloatingPointError on every rank when any rank's loss (or the clipped
+    gradient norm) of this step is not finite, naming the task, the step and the
+    offending micro-batches' record keys."""
+    flags = nonfinite if grad_norm is None else torch.cat([nonfinite, (~torch.isfinite(grad_norm.float()))
+                                                           .float().reshape(1)])
+    here = bool(flags.any().item())
+    if not any_rank(here, info):
+        return
+    bad = [i for i, f in enumerate(nonfinite.tolist()) if f]
+    if bad:
+        where = "; ".join(f"micro-batch {i}: {_record_keys(metas[i] if i < len(metas) else None)}" for i in bad)
+        what = f"the {task!r} loss is not finite ({where})"
+    elif here:
+        what = f"the gradient norm of the {task!r} step is not finite (the loss was finite)"
+    else:
+        what = f"another rank's {task!r} loss or gradient is not finite"
+    rank = f" on rank {info.rank}" if info.world_size > 1 else ""
+    raise FloatingPointError(f"step {step}{rank}: {what}; stopped before this step's update and checkpoint; the "
+                             f"last checkpoint is {last_saved}")
+
+
 def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpoint: Optional[PathLike],
            info: DistInfo, stop: _StopFlag) -> TrainResult:
     device = info.device
@@ -494,7 +532,13 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
     if not resume and (existing or best_checkpoint_path(run_dir).exists()):
         raise FileExistsError(f"train: {run_dir} already holds checkpoints ({checkpoint_dir(run_dir)}); pass "
                               "resume=True (--resume) to continue that run, or choose another run directory")
-    ckpt_path = existing[-1][1] if (resume and existing) else None
+    ckpt_path, skipped = newest_intact_checkpoint(run_dir) if (resume and existing) else (None, [])
+    for why in skipped:  # a corrupt newest checkpoint: say so, and resume from the newest intact one
+        warnings.warn(f"resume: {why}; " + (f"resuming from {ckpt_path} instead" if ckpt_path else
+                                            "no intact checkpoint is left"), RuntimeWarning, stacklevel=2)
+    if resume and existing and ckpt_path is None:
+        raise RuntimeError(f"resume: every checkpoint in {checkpoint_dir(run_dir)} is corrupt ("
+                           + "; ".join(skipped) + "); move them away to start the run afresh")
     state = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     start_step = int(state["step"]) if state else 0
 
@@ -650,6 +694,8 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
             if stream is None:
                 stream = streams[task] = _Stream(job, task)
             optimizer.zero_grad(set_to_none=True)
+            nonfinite = torch.zeros(accum, device=device)   # per micro-batch: the loss was not finite
+            metas: list[Any] = []
             for micro in range(accum):
                 with nvtx_range("data"):
                     batch = move_to(stream.next(), device)
@@ -664,6 +710,8 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
                         raise ValueError(f"job.step: loss: expected a scalar tensor, got "
                                          f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
                     scaled = loss.reshape(()) / accum
+                    nonfinite[micro] = (~torch.isfinite(loss.detach().reshape(()).float())).float()
+                    metas.append(getattr(batch, "meta", None))
                     with nvtx_range("backward"):
                         (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 window.add("loss", loss)
@@ -676,9 +724,15 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
             with nvtx_range("optimizer"):
                 if scaler is not None:
                     scaler.unscale_(optimizer)
+                gn = None
                 if o.clip_grad_norm > 0:
                     gn = torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
                     window.add("grad_norm", gn)
+                if scaler is None:
+                    # NaN/inf stops the run at the step where it appears, before this step's
+                    # update or checkpoint; every rank stops at the same step.  (Under fp16 the
+                    # GradScaler skips such steps itself.)
+                    _check_finite_step(nonfinite, gn, metas, task, step, last_saved, info)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()

@@ -55,7 +55,9 @@ def test_atomic_save_keeps_the_previous_file_when_the_write_dies(tmp_path, monke
         ck.atomic_torch_save({"v": torch.zeros(5)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(5))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temp file left behind
+    # no temp file left behind; the sidecar still holds the intact file's digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "ck.pt.sha256"]
+    assert ck.verify_checkpoint(path) is None
 
 
 def test_a_crash_while_writing_a_checkpoint_in_the_loop_leaves_the_last_one_usable(tmp_path, monkeypatch):
@@ -80,7 +82,8 @@ def test_a_crash_while_writing_a_checkpoint_in_the_loop_leaves_the_last_one_usab
         train(toy.ToyJob(rng_noise=True), cfg, tmp_path / "b")
     monkeypatch.undo()
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "b")] == [4]
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_00000004.pt"]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_00000004.pt",
+                                                                                "step_00000004.pt.sha256"]
     assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "b"))["step"] == 4
 
     resumed = toy.ToyJob(rng_noise=True)
@@ -116,7 +119,8 @@ def test_prune_listing_and_stale_temp_files(tmp_path):
     assert sorted(p.name for p in removed) == ["step_00000003.pt", "step_00000007.pt"]
     assert ck.remove_stale_temp_files(ck.checkpoint_dir(tmp_path)) == [stale]
     assert sorted(p.name for p in ck.checkpoint_dir(tmp_path).iterdir()) == [
-        "best.pt", "step_00000010.pt", "step_00000012.pt"]
+        "best.pt", "best.pt.sha256", "step_00000010.pt", "step_00000010.pt.sha256", "step_00000012.pt",
+        "step_00000012.pt.sha256"]  # pruning removes a checkpoint's sidecar with it
 
 
 def test_load_checkpoint_rejects_foreign_and_torn_files(tmp_path):

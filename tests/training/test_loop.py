@@ -246,9 +246,10 @@ def test_jsonl_tensorboard_and_best_checkpoint(tmp_path):
     assert best["step"] == 8 and best["value"] == 0.5
     ck8 = torch.load(tmp_path / "checkpoints" / "step_00000008.pt", weights_only=True)
     assert toy.max_param_diff(best["model"], ck8["model"]) == 0.0
-    # keep_last = 2: steps 8 and 12 remain, plus best.pt.
+    # keep_last = 2: steps 8 and 12 remain, plus best.pt, each with its SHA-256 sidecar.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "best.pt", "step_00000008.pt", "step_00000012.pt"]
+        "best.pt", "best.pt.sha256", "step_00000008.pt", "step_00000008.pt.sha256", "step_00000012.pt",
+        "step_00000012.pt.sha256"]
     assert load_config(tmp_path / "config.yaml") == cfg
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -1,0 +1,127 @@
+"""Fault injection: training that meets bad numbers and broken files loses nothing.
+
+* NaN/inf stops the run at the step where it appears, before that step's update and
+  checkpoint; the good checkpoints are kept; the error names the task, the step and
+  the batch's record keys.
+* A corrupt newest checkpoint (truncated, empty, one byte flipped) is detected by its
+  SHA-256 sidecar; resume warns and continues from the newest intact one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlfast.training.checkpoint import (list_checkpoints, load_checkpoint, newest_intact_checkpoint, sha256_path,
+                                        verify_checkpoint)
+from vlfast.training.config import load_config
+from vlfast.training.loop import StepOutput, train
+
+
+def _load_toy():
+    name = "vlfast_tests_toy_job"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("toy_job.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+toy = _load_toy()
+
+
+def _cfg(*overrides: str):
+    return load_config(toy.TOY_CONFIG, ["logging.tensorboard=null", "eval.every=0", "eval.at_end=false",
+                                        *overrides])
+
+
+class NaNAt(toy.ToyJob):
+    """The toy job whose loss turns NaN at one step() call; its batches carry record
+    keys (meta) like the collators' VLBatch."""
+
+    def __init__(self, nan_at: int, value: float = float("nan"), **kw):
+        super().__init__(**kw)
+        self.nan_at, self.value = nan_at, value
+
+    def train_batches(self, task, epoch, start):
+        for b in super().train_batches(task, epoch, start):
+            yield _WithMeta(b)
+
+    def step(self, model, batch, task):
+        out = super().step(model, dict(batch), task)
+        if self.calls == self.nan_at:
+            return StepOutput(out.loss * self.value, out.metrics, out.samples, out.tokens)
+        return out
+
+
+class _WithMeta(dict):
+    @property
+    def meta(self):
+        return {"ids": [f"rec-{int(i)}" for i in self["idx"]]}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_stops_at_its_step_before_any_checkpoint_of_it(tmp_path, value):
+    """The issue's case: logging.every=6, checkpoint.every=1 used to write NaN
+    checkpoints and prune the good ones before stopping at the next logging step."""
+    job = NaNAt(nan_at=9, value=value)  # grad_accum_steps=2: call 9 is in optimizer step 5
+    cfg = _cfg("logging.every=6", "checkpoint.every=1", "checkpoint.keep_last=2", "optim.total_steps=12")
+    with pytest.raises(FloatingPointError) as e:
+        train(job, cfg, tmp_path / "run")
+    msg = str(e.value)
+    assert msg.startswith("step 5: the ")
+    assert "loss is not finite (micro-batch 0: ids=['rec-" in msg
+    assert "stopped before this step's update and checkpoint" in msg and "step_00000004.pt" in msg
+    steps = [s for s, _ in list_checkpoints(tmp_path / "run")]
+    assert steps == [3, 4]  # nothing of step 5; the last good ones kept
+    for _, p in list_checkpoints(tmp_path / "run"):
+        ck = load_checkpoint(p)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def _four_steps(run: Path) -> None:
+    cfg = _cfg("checkpoint.every=1", "checkpoint.keep_last=3", "optim.total_steps=4", "logging.every=1")
+    train(toy.ToyJob(), cfg, run)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, damage):
+    run = tmp_path / "run"
+    _four_steps(run)
+    newest = list_checkpoints(run)[-1][1]
+    assert sha256_path(newest).is_file() and verify_checkpoint(newest) is None
+    data = newest.read_bytes()
+    if damage == "truncated":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        newest.write_bytes(b"")
+    else:
+        i = len(data) // 3
+        newest.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+    why = verify_checkpoint(newest)
+    assert why is not None and ("SHA-256" in why or "empty" in why)
+    path, skipped = newest_intact_checkpoint(run)
+    assert path == list_checkpoints(run)[-2][1] and len(skipped) == 1 and "is corrupt" in skipped[0]
+    with pytest.raises(RuntimeError, match="is corrupt"):
+        load_checkpoint(newest)
+    cfg = _cfg("checkpoint.every=1", "checkpoint.keep_last=3", "optim.total_steps=6", "logging.every=1")
+    with pytest.warns(RuntimeWarning, match=r"resume: .*step_00000004\.pt is corrupt: .*resuming from "
+                                            r".*step_00000003\.pt instead"):
+        res = train(toy.ToyJob(), cfg, run, resume=True)
+    assert res.step == 6 and math.isfinite(res.last_train["loss"])
+    assert verify_checkpoint(list_checkpoints(run)[-1][1]) is None
+
+
+def test_resume_with_every_checkpoint_corrupt_is_an_error(tmp_path):
+    run = tmp_path / "run"
+    _four_steps(run)
+    for _, p in list_checkpoints(run):
+        p.write_bytes(b"")
+    cfg = _cfg("checkpoint.every=1", "optim.total_steps=6")
+    with pytest.raises(RuntimeError, match="every checkpoint in .* is corrupt"), pytest.warns(RuntimeWarning):
+        train(toy.ToyJob(), cfg, run, resume=True)
