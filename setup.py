@@ -283,6 +283,7 @@ setup(
         "vlfast-train = vlfast.train:main",
         "vlfast-evaluate = vlfast.evaluate:main",
         "vlfast-convert = vlfast.convert:main",
+        "vlfast-export = vlfast.export:main",
         "vlfast-info = vlfast.info:main",
     ]},
     zip_safe=False,

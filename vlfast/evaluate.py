@@ -9,6 +9,9 @@ Rebuilds the run's job from ``DIR/config.yaml``, loads the checkpoint (``--check
   RefCOCO+ boxes JSON, retrieval rankings JSON (R@1/5/10 printed), grounding boxes JSON;
 * pretraining runs: prints the validation loss of every task.
 
+``DIR`` may also be a directory written by ``python -m vlfast.export`` (config.yaml and
+the exported model instead of checkpoints/): its model is scored.
+
 The metrics are also written as ``--out/metrics_<split>.json``.  A user error (a
 missing run directory or checkpoint, a checkpoint of another model, a bad flag) prints
 one line ``vlfast.evaluate: <message>`` on stderr and exits 2 (``--debug``: with the
@@ -27,7 +30,9 @@ def prepare(run_dir: str | Path, checkpoint: str = "auto") -> tuple[Any, Path]:
     it -> (job, checkpoint path).  What can go wrong here is the user's (a missing run
     directory or checkpoint, a config that no longer loads, a checkpoint of another
     model): UserError / ConfigError / FileNotFoundError, raised before the data is
-    built where it can be."""
+    built where it can be.  A directory from ``python -m vlfast.export`` (config.yaml,
+    no checkpoints/) is its own checkpoint: the exported model is loaded."""
+    from vlfast.export import is_export_dir, load_exported_weights
     from vlfast.training.checkpoint import best_checkpoint_path, latest_checkpoint, load_model_weights
     from vlfast.training.config import UserError, load_config
     from vlfast.training.jobs import VLJob, check_names
@@ -43,6 +48,8 @@ def prepare(run_dir: str | Path, checkpoint: str = "auto") -> tuple[Any, Path]:
         path = best if checkpoint in ("auto", "best") and best.is_file() else latest_checkpoint(run_dir)
         if checkpoint == "best" and not best.is_file():
             raise FileNotFoundError(f"--checkpoint best: {run_dir} kept no best checkpoint")
+        if path is None and is_export_dir(run_dir):
+            path = run_dir  # an exported model (python -m vlfast.export)
         if path is None:
             raise FileNotFoundError(f"--run-dir: {run_dir} holds no checkpoint")
     else:
@@ -51,7 +58,8 @@ def prepare(run_dir: str | Path, checkpoint: str = "auto") -> tuple[Any, Path]:
             raise FileNotFoundError(f"--checkpoint: {path} does not exist")
     job = VLJob(cfg)
     try:
-        report = load_model_weights(job.model, path)
+        load = load_exported_weights if is_export_dir(path) else load_model_weights
+        report = load(job.model, path)
     except (UserError, FileNotFoundError):
         raise
     except Exception as e:  # an unreadable or foreign file: the user's
@@ -99,7 +107,8 @@ def _main(argv: list[str]) -> int:
     from vlfast.train import ArgParser, prog_name, user_errors
 
     ap = ArgParser(prog=prog_name("vlfast.evaluate", "vlfast-evaluate"), description=__doc__.splitlines()[0])
-    ap.add_argument("--run-dir", required=True, help="a training run directory (with config.yaml)")
+    ap.add_argument("--run-dir", required=True,
+                    help="a training run directory (with config.yaml), or a python -m vlfast.export directory")
     ap.add_argument("--checkpoint", default="auto", help="best | latest | a checkpoint path (default: best, else latest)")
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
     ap.add_argument("--out", help="output directory (default: RUN_DIR/predictions)")
