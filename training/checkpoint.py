@@ -385,7 +385,8 @@ def _prefixes(keys: list[str]) -> list[str]:
 
 
 DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-DIR_HEAD_WEIGHTS = "head.safetensors"  # training/tasks.py HEAD_WEIGHTS_NAME
+# training/tasks.py HEAD_WEIGHTS_NAME (a task head) and vlfast.export's pretraining heads
+DIR_HEAD_WEIGHTS = ("head.safetensors", "heads.safetensors")
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -406,17 +407,21 @@ def read_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], str]:
         cand = next((path / n for n in DIR_WEIGHTS if (path / n).is_file()), None)
         if cand is None:
             raise FileNotFoundError(f"init checkpoint: directory {path} has none of {', '.join(DIR_WEIGHTS)}")
-        heads = path / DIR_HEAD_WEIGHTS
         backbone, what = read_weights(cand)
-        if not heads.is_file():
+        heads = [path / n for n in DIR_HEAD_WEIGHTS if (path / n).is_file()]
+        if not heads:
             return backbone, f"model directory {path}"
-        # a task head's save_pretrained / vlfast.export directory: the backbone's tensors
-        # (model.safetensors, backbone names) and the head's (head.safetensors, its own
-        # names, outside backbone.)
+        # a task head's save_pretrained / a vlfast.export directory: the backbone's tensors
+        # (model.safetensors, backbone names) and the heads' (head.safetensors of a task
+        # head, heads.safetensors of a pretraining model: the model's own names, outside
+        # backbone.)
         from safetensors.torch import load_file
 
-        head = load_file(str(heads))
-        return {**{f"backbone.{k}": v for k, v in backbone.items()}, **head}, f"task-head directory {path}"
+        merged = {f"backbone.{k}": v for k, v in backbone.items()}
+        for h in heads:
+            merged.update(load_file(str(h)))
+        kind = "task-head" if heads[0].name == DIR_HEAD_WEIGHTS[0] else "pretraining-model"
+        return merged, f"{kind} directory {path}"
     if not path.is_file():
         raise FileNotFoundError(f"init checkpoint: {path} does not exist")
     if path.suffix == ".safetensors":

@@ -226,3 +226,21 @@ def test_a_saved_task_head_directory_loads_backbone_and_head(source, tmp_path):
     assert rep.kind.startswith("task-head directory")
     for k, v in donor.state_dict().items():
         assert torch.equal(m.state_dict()[k], v), k
+
+
+def test_an_exported_pretraining_directory_loads_backbone_and_heads(source, tmp_path):
+    """vlfast.export of a pretraining run: model.safetensors + heads.safetensors
+    (objectives.* names) -> every tensor of a pretraining model of the same tasks."""
+    from safetensors.torch import save_file
+
+    pre = lambda seed: VLJob(_cfg("uniter", seed, "tasks={mlm: 1.0, itm: 1.0}", base="default_pretrain"),  # noqa
+                             source).model
+    donor = pre(1)
+    donor.backbone.save_pretrained(tmp_path / "exp")
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items() if k.startswith("objectives.")
+               and not k.endswith("decoder.weight")}, str(tmp_path / "exp" / "heads.safetensors"))
+    m = pre(2)
+    rep = load_model_weights(m, tmp_path / "exp", allow_partial=False)
+    assert rep.kind.startswith("pretraining-model directory") and rep.unexpected == []
+    for k, v in donor.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
