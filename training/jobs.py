@@ -144,6 +144,39 @@ def check_names(cfg: TrainConfig, check_source: bool = True) -> None:
         raise ConfigError(f"tasks: expected pretraining tasks, or exactly one fine-tuning task, got {tasks}")
     if check_source and cfg.data.source not in SOURCES:
         raise ConfigError(f"data.source: expected one of {list(SOURCES)}, got {cfg.data.source!r}")
+    if cfg.data.source in SOURCES:
+        check_options(cfg.data.source, cfg.data.options)
+
+
+# data.options keys the feature-store sources read (FeatureStoreSource), besides TASK_OPTIONS
+STORE_OPTIONS = ("vocab", "gt_img_db", "num_region_classes", "txt_db", "val_txt_db", "test_txt_db", "max_txt_len")
+
+
+def source_option_keys(source: str) -> tuple[str, ...]:
+    """The ``data.options`` keys a data source takes (the synthetic world's keyword
+    arguments, or the feature stores' :data:`STORE_OPTIONS`), plus the task options."""
+    if source == "synthetic":
+        import inspect
+
+        from vlfast.data.synthetic import SyntheticWorld
+
+        own = tuple(n for n, p in inspect.signature(SyntheticWorld.__init__).parameters.items()
+                    if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    else:
+        own = STORE_OPTIONS
+    return own + tuple(TASK_OPTIONS)
+
+
+def check_options(source: str, options: Mapping[str, Any]) -> None:
+    """An unknown ``data.options`` key is a ConfigError naming it, with the valid keys
+    (instead of a TypeError deep in the source's constructor, or a silently ignored key)."""
+    valid = source_option_keys(source)
+    for k in options:
+        if k not in valid:
+            close = difflib.get_close_matches(str(k), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"data.options.{k}: not an option of data.source={source!r}{hint}; valid keys: "
+                              f"{', '.join(valid)}")
 
 
 @contextlib.contextmanager
@@ -1070,4 +1103,4 @@ class VLJob:
 
 
 __all__ = ["VLJob", "DataSource", "SyntheticSource", "FeatureStoreSource", "VcrImages", "make_source",
-           "check_names", "PRETRAIN_COLLATE", "FINETUNE_COLLATE", "SOURCES"]
+           "check_names", "check_options", "source_option_keys", "STORE_OPTIONS", "PRETRAIN_COLLATE", "FINETUNE_COLLATE", "SOURCES"]
