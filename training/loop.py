@@ -86,7 +86,7 @@ from .checkpoint import (BEST_FORMAT, FORMAT, VERSION, atomic_torch_save, atomic
                          load_checkpoint, load_model_weights, newest_intact_checkpoint, prune_checkpoints,
                          remove_stale_temp_files,
                          rng_state, seed_everything, set_rng_state, step_checkpoint_path)
-from .config import TrainConfig, config_diff, load_config, save_config
+from .config import TrainConfig, UserError, config_diff, load_config, save_config
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier, cleanup,
                           init_distributed, no_sync_if, wrap_model)
 from .optim import build_optimizer, build_scheduler, lr_factor
@@ -484,6 +484,36 @@ def train(job: Job, config: TrainConfig, run_dir: PathLike, resume: bool = False
             cleanup()
 
 
+class ResumeConfigError(UserError, ValueError):
+    """--resume with a config whose model does not fit the run's checkpoint."""
+
+
+def _resume_mismatch(cfg: TrainConfig, state: Mapping[str, Any], ckpt_path: Optional[Path], run_dir: Path,
+                     err: Exception) -> ResumeConfigError:
+    """A readable error for a resumed model that does not fit: which config keys
+    differ from the run's (the checkpoint's own config, else run_dir/config.yaml)."""
+    old: Optional[TrainConfig] = None
+    try:
+        old = TrainConfig.from_dict(state["config"]) if isinstance(state.get("config"), Mapping) else None
+    except Exception:  # noqa: BLE001 -- fall back to the run's config.yaml
+        old = None
+    if old is None and (run_dir / "config.yaml").is_file():
+        try:
+            old = load_config(run_dir / "config.yaml")
+        except Exception:  # noqa: BLE001
+            old = None
+    diff = [d for d in (config_diff(old, cfg) if old is not None else [])
+            if d.split(":")[0].startswith(("model.", "tasks", "data.options", "data.source", "data.path"))]
+    first = str(err).strip().splitlines()
+    detail = "; ".join(line.strip() for line in first[1:4] if line.strip()) or (first[0] if first else "")
+    what = (f"keys that differ from the run's config: {'; '.join(diff)}" if diff else
+            "no model/task key of the config differs from the run's, so the data source (vocabulary or "
+            "feature size) must have changed")
+    return ResumeConfigError(f"--resume: the model of this config does not fit {ckpt_path} ({what}); resume with "
+                             f"the run's config ({run_dir / 'config.yaml'}), or start a new run directory "
+                             f"[{detail[:300]}]")
+
+
 def _record_keys(meta: Any) -> str:
     """The record keys of a batch, for an error message: its example ids and images."""
     if not isinstance(meta, Mapping):
@@ -555,7 +585,10 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
 
     msgs: list[str] = []
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # the model of this config is not the run's
+            raise _resume_mismatch(cfg, state, ckpt_path, run_dir, e) from e
         msgs.append(f"resuming from {ckpt_path} (step {start_step}/{total})")
     elif resume:
         msgs.append(f"resume: no checkpoint in {checkpoint_dir(run_dir)}: starting a new run")

@@ -36,6 +36,28 @@ def convert(model: str, src: str, out: str, config: Optional[str] = None):
     return net, report
 
 
+def _vlfast_kind(path: Path) -> Optional[str]:
+    """What a vlfast file is ("a vlfast training checkpoint (step 12, model uniter)"),
+    or None for anything else (an official checkpoint, or unreadable: convert says)."""
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        import torch
+
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- not ours to judge here; convert reports it
+        return None
+    if not isinstance(obj, dict):
+        return None
+    fmt = obj.get("format")
+    if fmt in ("vlfast-train", "vlfast-best"):
+        model = (obj.get("config") or {}).get("model", {}).get("name", "?") if isinstance(obj.get("config"), dict) \
+            else "?"
+        what = "training checkpoint" if fmt == "vlfast-train" else "best-model checkpoint"
+        return f"a vlfast {what} (step {obj.get('step', '?')}, model {model})"
+    return None
+
+
 def _main(argv: list[str]) -> int:
     import pickle
 
@@ -53,6 +75,11 @@ def _main(argv: list[str]) -> int:
         raise UserError(f"--src: expected an existing file, got {args.src}")
     if args.config is not None and not Path(args.config).is_file():
         raise UserError(f"--config: expected an existing JSON file, got {args.config}")
+    kind = _vlfast_kind(Path(args.src))
+    if kind is not None:
+        raise UserError(f"--src: {args.src} is {kind}, not an official {args.model} checkpoint: it needs no "
+                        "conversion -- give it to `vlfast.train --init-checkpoint`, or make a shareable model of "
+                        "it with `python -m vlfast.export --checkpoint " + str(args.src) + " --out DIR`")
     # reading and mapping the user's files: a checkpoint of another model, an unreadable
     # file or a config that does not fit it are the user's errors
     with user_errors():

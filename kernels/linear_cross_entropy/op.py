@@ -425,6 +425,11 @@ def linear_soft_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Ten
         C.fail(op, "targets", f"shape (N={hidden.shape[0]}, V={weight.shape[0]})", f"shape {tuple(targets.shape)}")
     if targets.device != hidden.device:
         C.fail(op, "targets", f"the device of hidden ({hidden.device})", targets.device)
+    if targets.numel() and not torch.compiler.is_compiling() and C.value_checks_enabled(targets):
+        bad = ~torch.isfinite(targets) | (targets < 0)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            C.fail(op, "targets", "finite probabilities >= 0", f"{float(targets[idx])} at index {idx}")
     red = _check_reduction(op, reduction)
     _check_flag(op, "kl", kl)
     _check_flag(op, "return_argmax", return_argmax)

@@ -125,3 +125,58 @@ def test_resume_with_every_checkpoint_corrupt_is_an_error(tmp_path):
     cfg = _cfg("checkpoint.every=1", "optim.total_steps=6")
     with pytest.raises(RuntimeError, match="every checkpoint in .* is corrupt"), pytest.warns(RuntimeWarning):
         train(toy.ToyJob(), cfg, run, resume=True)
+
+
+def test_resume_with_a_config_of_another_model_says_which_keys_differ(tmp_path, capsys):
+    """--resume with a changed model.config.hidden_size used to give torch's raw
+    size-mismatch error."""
+    from vlfast.train import main
+
+    base = ["--config", "tiny_test", "--run-dir", str(tmp_path / "run"), "optim.total_steps=2", "eval.at_end=false",
+            "data.options.n_images=30", "checkpoint.every=1"]
+    assert main(base) == 0
+    capsys.readouterr()
+    code = main([*base, "--resume", "optim.total_steps=4", "model.config.hidden_size=32",
+                 "model.config.num_attention_heads=2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("vlfast.train: --resume: the model of this config does not fit ")
+    assert "keys that differ from the run's config: model.config: " in line and "'hidden_size': 32" in line
+
+
+def test_unknown_data_option_names_the_valid_keys(capsys):
+    from vlfast.train import main
+
+    code = main(["--config", "tiny_test", "--print-config", "data.options.n_imagez=40"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (
+        "vlfast.train: data.options.n_imagez: not an option of data.source='synthetic' (did you mean 'n_images'?); "
+        "valid keys: " + ", ".join(__import__("vlfast.training.jobs", fromlist=["x"]).source_option_keys("synthetic")))
+
+
+def test_convert_says_what_kind_of_file_it_was_given(tmp_path, capsys):
+    """A vlfast training checkpoint given to vlfast.convert used to say "got 0 keys"."""
+    from vlfast.convert import main as convert
+    from vlfast.training.checkpoint import FORMAT, VERSION
+
+    torch.save({"format": FORMAT, "version": VERSION, "step": 12, "model": {"backbone.x": torch.ones(1)},
+                "config": {"model": {"name": "uniter"}}}, tmp_path / "step_00000012.pt")
+    code = convert(["--model", "uniter", "--src", str(tmp_path / "step_00000012.pt"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"vlfast.convert: --src: {tmp_path / 'step_00000012.pt'} is a vlfast training checkpoint "
+                          "(step 12, model uniter), not an official uniter checkpoint: it needs no conversion")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1])
+def test_soft_target_loss_rejects_non_finite_and_negative_targets(bad):
+    import vlfast.ops as ops
+
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    t = torch.softmax(torch.randn(3, 5), -1)
+    t[1, 2] = bad
+    with pytest.raises(ValueError, match=r"vlfast\.ops\.linear_soft_cross_entropy: targets: expected finite "
+                                         r"probabilities >= 0, got .* at index \(1, 2\)"):
+        ops.linear_soft_cross_entropy(h, w, None, t)
