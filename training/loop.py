@@ -411,12 +411,19 @@ class _Window:
             torch.cuda.synchronize(self.device)
         seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         keys = sorted(self.sums)
-        counts = [float(self.counts[k]) for k in keys] + [float(self.samples), float(self.tokens)]
-        flat = torch.cat([torch.stack([self.sums[k] for k in keys]).double(),
+        if info.distributed:
+            # every rank all-reduces the same (sum, count) pairs: the union of the metric
+            # names (a metric a rank's batches did not produce -- e.g. WRA's ot_pos on a
+            # batch without positives -- counts 0 there)
+            keys = sorted({k for ks in all_gather_objects(keys, info) for k in ks})
+        zero = torch.zeros((), device=self.device)
+        counts = [float(self.counts.get(k, 0)) for k in keys] + [float(self.samples), float(self.tokens)]
+        flat = torch.cat([torch.stack([self.sums.get(k, zero) for k in keys]).double() if keys
+                          else torch.zeros(0, dtype=torch.float64, device=self.device),
                           torch.tensor(counts, dtype=torch.float64, device=self.device)])
         flat = all_reduce_sum(flat, info).cpu().tolist()
         n = len(keys)
-        means = {k: flat[i] / max(flat[n + i], 1.0) for i, k in enumerate(keys)}
+        means = {k: flat[i] / flat[n + i] for i, k in enumerate(keys) if flat[n + i] > 0}
         return means, int(flat[2 * n]), int(flat[2 * n + 1]), seconds
 
 
