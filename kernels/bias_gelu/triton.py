@@ -22,8 +22,8 @@ from torch import Tensor
 
 from vlfast.kernels.layer_norm.triton import _cast, col_sum
 
-INV_SQRT2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+INV_SQRT2 = tl.constexpr(0.7071067811865476)  # constexpr: a kernel may read no plain Python global
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

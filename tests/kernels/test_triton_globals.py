@@ -1,0 +1,112 @@
+"""The Triton compiler rejects a kernel that reads a plain Python global (``NameError:
+Cannot access global variable ... from within @jit'ed function``); the interpreter
+(``TRITON_INTERPRET=1``, what the CPU tests run) accepts it.  So every ``@triton.jit``
+kernel of ``kernels/*/triton.py`` is checked here: each global name it reads must be a
+``tl.constexpr``, another jitted function, a module, or a builtin.  And the kernel that
+had the bug (bias_gelu's ``INV_SQRT2``) is compiled for sm_80 and sm_90 -- Triton
+compiles for a CUDA target without a GPU, with its bundled ptxas."""
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib
+import inspect
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+KERNEL_DIR = Path(importlib.import_module("vlfast.kernels").__path__[0])
+MODULES = sorted(p.parent.name for p in KERNEL_DIR.glob("*/triton.py"))
+
+
+_JIT_TYPES = ("JITFunction", "InterpretedFunction")  # the compiler's, and TRITON_INTERPRET=1's
+
+
+def _kernel_of(obj: object):
+    """The jitted function behind ``obj`` (through autotune/heuristics wrappers), or None."""
+    seen = 0
+    while obj is not None and seen < 8:
+        if type(obj).__name__ in _JIT_TYPES:
+            return obj
+        obj, seen = getattr(obj, "fn", None), seen + 1
+    return None
+
+
+def _jitted(mod: types.ModuleType) -> dict[str, object]:
+    out = {}
+    for name, obj in vars(mod).items():
+        k = _kernel_of(obj)
+        if k is not None and getattr(k.fn, "__module__", None) == mod.__name__:
+            out[name] = k
+    return out
+
+
+def _allowed(value: object) -> bool:
+    return (isinstance(value, (tl.constexpr, types.ModuleType)) or _kernel_of(value) is not None
+            or getattr(value, "__module__", "").startswith("triton"))
+
+
+@pytest.mark.parametrize("op", MODULES)
+def test_kernels_read_no_plain_python_global(op):
+    mod = importlib.import_module(f"vlfast.kernels.{op}.triton")
+    kernels = _jitted(mod)
+    assert kernels, f"no @triton.jit kernel found in kernels/{op}/triton.py"
+    bad = []
+    for kname, jf in kernels.items():
+        tree = ast.parse(textwrap.dedent(inspect.getsource(jf.fn)))
+        fn = tree.body[0]
+        local = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+        local |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local:
+                if hasattr(builtins, node.id) or node.id not in jf.fn.__globals__:
+                    continue
+                if not _allowed(jf.fn.__globals__[node.id]):
+                    bad.append(f"{kname} reads {node.id} = {jf.fn.__globals__[node.id]!r}")
+    assert not bad, (f"kernels/{op}/triton.py: kernels read plain Python globals, which the Triton compiler "
+                     f"rejects (make them tl.constexpr(...)): {bad}")
+
+
+_COMPILE = r"""
+import inspect, json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vlfast.kernels.bias_gelu import triton as bg
+
+pointers = {"X": "*bf16", "BIAS": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16", "DBP": "*fp32"}
+out = []
+for arch in (80, 90):
+    for name in ("_fwd_kernel", "_bwd_kernel"):
+        fn = getattr(bg, name)
+        sig, consts = {}, {}
+        for p, par in inspect.signature(fn.fn).parameters.items():
+            if par.annotation is tl.constexpr or par.annotation == "tl.constexpr":
+                consts[p] = 32 if p.startswith("BLOCK") else False
+            else:
+                sig[p] = pointers.get(p, "i32")
+        k = triton.compile(ASTSource(fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts),
+                           target=GPUTarget("cuda", arch, 32))
+        out.append([name, arch, ".entry" in k.asm["ptx"] and f"sm_{arch}" in k.asm["ptx"]])
+print(json.dumps(out))
+"""
+
+
+def test_bias_gelu_kernels_compile_for_sm80_and_sm90():
+    """In a process without TRITON_INTERPRET (the compiler's view of the kernels)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-P", "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == [["_fwd_kernel", 80, True], ["_bwd_kernel", 80, True], ["_fwd_kernel", 90, True],
+                   ["_bwd_kernel", 90, True]]
