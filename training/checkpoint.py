@@ -532,12 +532,26 @@ def load_model_weights(model: nn.Module, path: PathLike, *, allow_partial: bool 
         module = importlib.import_module(type(bb).__module__)
         conv = getattr(module, "convert_official", None)
         if rest and conv is not None:                                 # 3. the official layout
-            by_id = {id(v): k for k, v in rest.items()}
+            by_id: dict[int, list[str]] = {}
+            for k, v in rest.items():
+                by_id.setdefault(id(v), []).append(k)
+
+            def source_key(ck: str, v: torch.Tensor) -> str:
+                """The source key a converted tensor came from; when several keys share
+                the tensor (a release saved with tied weights: the MLM decoder and the
+                word embeddings), the one whose own conversion gives ``ck``."""
+                cands = by_id.get(id(v), [ck])
+                if len(cands) > 1:
+                    for cand in cands:
+                        if ck in conv({cand: v}):
+                            return cand
+                return cands[0]
+
             n = len(used)
             for ck, v in conv(rest).items():
                 ours = f"backbone.{ck}"
                 if ours in own and ours not in usable:
-                    used.add(by_id.get(id(v), ck))
+                    used.add(source_key(ck, v))
                     _copy_into(own, tables, ours, v, rep, usable)
             if len(used) > n:
                 layouts.append(f"official {bb.config.model_type}")
@@ -548,6 +562,10 @@ def load_model_weights(model: nn.Module, path: PathLike, *, allow_partial: bool 
                 if official in rest and ours not in usable:
                     used.add(official)
                     _copy_into(own, tables, ours, rest[official], rep, usable)
+            # heads tied to the backbone (the MLM decoder, UNITER's feat_regress weight) are
+            # the backbone's tensors: used, not unexpected
+            used.update(k for obj in getattr(model, "objectives", {}).values()
+                        for k in getattr(obj, "official_tied", ()) if k in rest)
         if "itm_output.weight" in sd and hasattr(model, "init_from_itm_head"):
             # UNITER's pretrained ITM head (2, E) -> the retrieval head's match row
             w, b_ = sd["itm_output.weight"], sd.get("itm_output.bias")
