@@ -99,6 +99,20 @@ def as_bool_mask(model: str, name: str, mask: Optional[Tensor], shape: tuple[int
     return (mask != 0).to(device)
 
 
+def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` (B, L, ...) with the slots where ``mask`` (B, L) bool is False set to 0.
+
+    The models call it once per float input (region features, boxes) at their input
+    boundary, so padding is inert: whatever a padded slot holds -- NaN and inf
+    included -- never reaches a real output or a gradient.  A multiplication by the
+    mask would not do (0 * NaN = NaN), and neither would masking alone: attention
+    gives a masked key probability 0, but p @ v still multiplies that 0 by the key's
+    value, and the Linear / LayerNorm backward multiplies a padded row's zero
+    gradient by its (NaN) input -- even on the padding-free path.  For finite inputs
+    the real outputs are unchanged (padded slots never reach them)."""
+    return torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())), x, 0)
+
+
 def check_ids(model: str, name: str, ids: Optional[Tensor], shape: Optional[tuple[int, int]] = None,
               upper: Optional[int] = None) -> Optional[Tensor]:
     if ids is None:

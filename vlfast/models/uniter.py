@@ -39,7 +39,7 @@ from vlfast import ops
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
                                 load_hf_bert, load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput, as_bool_mask,
-                                  check_feats, check_ids, fail, init_bert_weights)
+                                  check_feats, check_ids, fail, init_bert_weights, zero_padding)
 
 _NAME = "Uniter"
 logger = logging.getLogger(__name__)
@@ -259,7 +259,9 @@ class Uniter(PretrainedModel):
             w = self.img_embeddings.img_linear.weight
             if visual_token_type_ids is None:
                 visual_token_type_ids = torch.ones((B, Lv), dtype=torch.long, device=visual_feats.device)
-            parts.append(self.img_embeddings(visual_feats.to(w.dtype), visual_boxes.to(w.dtype),
+            # padding regions are inert: their features and boxes (NaN, inf, ...) become 0
+            parts.append(self.img_embeddings(zero_padding(visual_feats.to(w.dtype), vmask),
+                                             zero_padding(visual_boxes.to(w.dtype), vmask),
                                              visual_token_type_ids, self.embeddings.token_type_embeddings.weight,
                                              imask))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -42,7 +42,7 @@ from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, Pretrai
                                 load_hf_bert, load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertIntermediate, BertLayer, BertOutput, BertTextEmbeddings, Packed,
                                   TwoStreamOutput, as_bool_mask, check_feats, check_ids,
-                                  dense_dropout_add_layer_norm, fail, init_bert_weights)
+                                  dense_dropout_add_layer_norm, fail, init_bert_weights, zero_padding)
 
 _NAME = "ViLBert"
 logger = logging.getLogger(__name__)
@@ -509,8 +509,9 @@ class ViLBert(PretrainedModel):
         elif task_ids is not None:
             fail(_NAME, "task_ids", "None (config.task_specific_tokens is False)", f"shape {tuple(task_ids.shape)}")
         dtype = self.v_embeddings.image_embeddings.weight.dtype
-        return (input_ids, t_mask, token_type_ids, visual_feats.to(dtype), visual_boxes.to(dtype), v_mask,
-                task_ids)
+        # padding regions are inert: their features and boxes (NaN, inf, ...) become 0
+        return (input_ids, t_mask, token_type_ids, zero_padding(visual_feats.to(dtype), v_mask),
+                zero_padding(visual_boxes.to(dtype), v_mask), v_mask, task_ids)
 
     # -- forward -------------------------------------------------------------------
 

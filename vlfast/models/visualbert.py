@@ -50,7 +50,7 @@ from vlfast import ops
 from vlfast.models.base import (CONFIG_NAME, WEIGHTS_NAME, ConversionReport, ModelConfig, PathLike, PretrainedModel,
                                 finish_loading, load_hf_bert, load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput,
-                                  as_bool_mask, check_feats, check_ids, fail, init_bert_weights)
+                                  as_bool_mask, check_feats, check_ids, fail, init_bert_weights, zero_padding)
 
 NAME = "VisualBert"
 HF_MODEL_TYPE = "visual_bert"  # HF's model_type (ours, VisualBertConfig.model_type, is "visualbert")
@@ -357,6 +357,8 @@ class VisualBert(PretrainedModel):
                                                    device=dev)
             self._check_alignment(image_text_alignment, B, Lv)
             mask = torch.cat([t_mask, v_mask], dim=1)
+            # padding regions are inert: their features (NaN, inf, ...) become 0
+            visual_feats = zero_padding(visual_feats, v_mask)
 
         x = self.embeddings(input_ids, token_type_ids, visual_feats, visual_token_type_ids, image_text_alignment)
         h, states, attns = self.encoder(x, mask, padding_free=padding_free, output_attentions=output_attentions,

@@ -106,7 +106,7 @@ from vlfast import ops
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
                                 load_hf_bert, load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, SingleStreamOutput, as_bool_mask, check_feats,
-                                  check_ids, fail, init_bert_weights)
+                                  check_ids, fail, init_bert_weights, zero_padding)
 
 NAME = "VLBert"
 logger = logging.getLogger(__name__)
@@ -340,13 +340,15 @@ class VLBert(PretrainedModel):
                      f"shape {tuple(visual_boxes.shape)}")
             image_size = self._check_image_size(image_size, B)
             v_mask = as_bool_mask(NAME, "visual_mask", visual_mask, (B, Lv), dev)
-            feats = visual_feats.to(dtype)
+            # padding regions are inert: their features and boxes (NaN, inf, ...) become 0
+            feats = zero_padding(visual_feats.to(dtype), v_mask)
+            boxes = zero_padding(visual_boxes.to(dev), v_mask)
             if img_masks is not None:
                 # official (precomputed features): box_features[mvrc_ops == 1] =
                 # object_mask_visual_embedding.weight[0], before FastRCNN (geometry kept)
                 masked = as_bool_mask(NAME, "img_masks", img_masks, (B, Lv), dev) & v_mask
                 feats = torch.where(masked[..., None], self.object_mask_visual_embedding.weight[0].to(dtype), feats)
-            obj_hidden = self._object_hidden(feats, visual_boxes.to(dev), image_size.to(dev))
+            obj_hidden = self._object_hidden(feats, boxes, image_size.to(dev))
             if not fused:
                 obj_reps = F.relu(obj_hidden)
                 obj_reps = obj_reps * v_mask[..., None].to(obj_reps.dtype)    # official: zeros at padded slots
