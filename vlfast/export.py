@@ -417,17 +417,10 @@ def _publish(folder: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
+    from vlfast.training.checkpoint import _fsync_dir  # fsync of one path, errors ignored
+
     for p in [*folder.iterdir(), folder]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync_dir(p)
 
 
 def _prepare_out(out: Path) -> None:
