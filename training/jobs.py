@@ -57,7 +57,9 @@ Batches are a pure function of (seed, task, epoch, position): every rank draws t
 same permutation and takes its shard, so resumed and distributed runs see the same
 data.  Train and evaluation batches come from a ``torch.utils.data.DataLoader`` over
 the batches' index lists with ``data.num_workers`` workers (no persistent workers;
-pinned memory on CUDA; workers ignore SIGTERM so the loop can checkpoint): the
+pinned memory on CUDA; workers ignore SIGTERM so the loop can checkpoint; a loader that
+ends early -- an error, its batches dropped, the process exiting -- shuts its workers
+down and SIGKILLs those alive after ``WORKER_EXIT_GRACE_S`` = 5 s): the
 collator seeds each batch from its samples and the epoch, so 0 or N workers give the
 same batches.  Evaluation returns the same numbers on every rank.
 """
@@ -68,8 +70,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import signal
+import threading
+import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -596,6 +602,126 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# Seconds the workers of a DataLoader iterator that is torn down (an error, the batches
+# dropped, the process exiting) get to exit once asked; survivors are killed (SIGKILL).
+WORKER_EXIT_GRACE_S = 5.0
+
+# The multi-process DataLoader iterators of this process whose workers may be alive
+# (weakly held: an iterator that is collected shuts its workers down itself).
+_LIVE_ITERATORS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_EXIT_HOOK_REGISTERED = False
+
+
+def _workers_of(it: Any) -> list[Any]:
+    """``it``'s worker processes, when ``it`` is a multi-process DataLoader iterator of this process."""
+    if getattr(it, "_vlfast_owner_pid", None) != os.getpid():
+        return []  # a copy inherited by a forked child: the workers are not its children
+    return list(getattr(it, "_workers", None) or ())
+
+
+def _stop_workers(iterators: list[Any], grace: Optional[float] = None) -> None:
+    """Shut down the workers of DataLoader iterators (``_MultiProcessingDataLoaderIter``)
+    within ``grace`` seconds (default :data:`WORKER_EXIT_GRACE_S`), then SIGKILL the
+    ones still alive.  Never raises.
+
+    Why: the workers ignore SIGTERM (:func:`_ignore_sigterm`), and a worker only leaves
+    its loop when its iterator is shut down (``_shutdown_workers``: done event, ``None``
+    on its index queue) or when this process is gone.  An iterator that outlives an
+    error -- its generator frame kept alive by a reference cycle through the
+    exception's traceback, as torch's re-raised worker errors make -- is still alive
+    when the interpreter exits; torch's own atexit hook then turns ``_shutdown_workers``
+    into a no-op, and multiprocessing's ``_exit_function`` calls ``terminate()`` (SIGTERM,
+    ignored) and ``join()`` without a timeout on every daemonic child: a hang.  Torch's
+    ``_shutdown_workers`` alone also waits ``MP_STATUS_CHECK_INTERVAL`` (5 s) per worker,
+    then SIGTERMs (ignored) and waits 5 s more per worker, and leaves them running.
+
+    So: ask every worker to exit as ``_shutdown_workers`` does (done event + ``None``),
+    wait for all of them against one deadline, SIGKILL the survivors (after taking
+    their pids out of torch's SIGCHLD check, which would otherwise raise "worker killed
+    by signal" here), reap them, then let ``_shutdown_workers`` close the queues and the
+    pin-memory thread (immediate: no worker is left to wait for)."""
+    try:
+        iterators = [it for it in iterators if _workers_of(it)]
+        if not iterators:
+            return
+        for it in iterators:
+            if getattr(it, "_shutdown", True):
+                continue  # torch already asked them (and closed the queues)
+            try:
+                it._workers_done_event.set()
+                for wid, q in enumerate(it._index_queues):
+                    if it._workers_status[wid]:
+                        q.put(None)
+            except Exception:  # noqa: BLE001 -- a half-built or broken iterator: the deadline still applies
+                pass
+        deadline = time.monotonic() + max(0.0, float(WORKER_EXIT_GRACE_S if grace is None else grace))
+        workers = [(it, w) for it in iterators for w in _workers_of(it)]
+        for _, w in workers:
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+        survivors = [(it, w) for it, w in workers if w.is_alive()]
+        if survivors:
+            from torch.utils.data import _utils as data_utils
+
+            for it in {id(it): it for it, _ in survivors}.values():
+                if getattr(it, "_worker_pids_set", False):
+                    data_utils.signal_handling._remove_worker_pids(id(it))
+                    it._worker_pids_set = False
+            for _, w in survivors:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except (ProcessLookupError, TypeError):
+                    pass
+            for _, w in survivors:
+                w.join(timeout=1.0)
+        for it in iterators:
+            try:
+                it._shutdown_workers()
+            except Exception:  # noqa: BLE001 -- bookkeeping only; the workers are gone
+                pass
+            with _LIVE_LOCK:
+                _LIVE_ITERATORS.discard(it)
+    except Exception:  # noqa: BLE001 -- called from finally blocks and exit hooks
+        pass
+
+
+def _stop_all_workers() -> None:
+    """atexit: stop the workers of every DataLoader iterator of this process still alive
+    (registered after multiprocessing's and torch's exit hooks, so it runs before them)."""
+    with _LIVE_LOCK:
+        its = list(_LIVE_ITERATORS)
+    _stop_workers(its)
+
+
+def _track_workers(it: Any) -> None:
+    """Remember a multi-process DataLoader iterator for :func:`_stop_all_workers`."""
+    global _EXIT_HOOK_REGISTERED
+    if not getattr(it, "_workers", None):
+        return
+    it._vlfast_owner_pid = os.getpid()
+    with _LIVE_LOCK:
+        _LIVE_ITERATORS.add(it)
+        if not _EXIT_HOOK_REGISTERED:
+            import atexit
+            import multiprocessing.util  # noqa: F401 -- its exit hook is registered first, so it runs after ours
+
+            atexit.register(_stop_all_workers)
+            _EXIT_HOOK_REGISTERED = True
+
+
+@contextlib.contextmanager
+def _workers_stopped_on_exit(it: Any, grace: Optional[float] = None) -> Iterator[Any]:
+    """``with`` block over a DataLoader iterator: when the block ends -- the iterator
+    exhausted, an exception, or the generator holding the block closed or collected --
+    its workers are shut down (SIGKILL after ``grace`` s); while the block is open the
+    process's exit hook stops them too (see :func:`_stop_workers`)."""
+    _track_workers(it)
+    try:
+        yield it
+    finally:
+        _stop_workers([it], grace)
+
+
 class _Items(torch.utils.data.Dataset):
     """A list as a map-style dataset (index -> item)."""
 
@@ -815,8 +941,15 @@ class VLJob:
         loader = torch.utils.data.DataLoader(
             _Items(items), batch_sampler=batches, num_workers=nw, collate_fn=_CollateFn(collate, pin),
             pin_memory=pin, persistent_workers=False, worker_init_fn=_ignore_sigterm if nw else None, generator=g)
-        for b in loader:
-            yield b.batch if isinstance(b, _Pinnable) else b
+        if not nw:
+            for b in loader:
+                yield b.batch if isinstance(b, _Pinnable) else b
+            return
+        # workers: shut down (SIGKILL after WORKER_EXIT_GRACE_S) when this generator ends
+        # in any way, or at exit while it is still suspended (a failed training step)
+        with _workers_stopped_on_exit(iter(loader)) as it:
+            for b in it:
+                yield b.batch if isinstance(b, _Pinnable) else b
 
     def _batches_of_epoch(self, td: _TaskData, task: str, epoch: int) -> list[list[int]]:
         """This rank's batches (lists of example indices) of an epoch."""

@@ -476,6 +476,55 @@ class FeatureStore(Mapping):
 
 _ENVS: dict[tuple[int, int, int], list] = {}  # (pid, st_dev, st_ino of data.mdb) -> [environment, users]
 _ENVS_LOCK = threading.Lock()
+# (st_dev, st_ino) -> environments this process inherited across fork() and has not opened
+# anew yet.  They are never read from here (LMDB: an environment belongs to the process
+# that opened it); they are closed (see _drop_inherited) just before this process opens
+# the same file itself.
+_INHERITED: dict[tuple[int, int], list] = {}
+
+_LMDB_READ_ONLY = dict(readonly=True, create=False, lock=False, readahead=False, meminit=False, subdir=True,
+                       max_readers=2048)
+
+
+def _forget_envs_after_fork() -> None:
+    """In a forked child (DataLoader workers): forget the parent's environments.
+
+    py-lmdb refuses to open a file that is "already open in this process", and its
+    registry of open files is copied into the child by fork() and never reset: the
+    parent's environment still counts as open in the child, whether the child keeps the
+    object or drops it (dropping runs no close in the child).  So the inherited
+    environments move to ``_INHERITED`` (still referenced, so nothing happens to them at
+    fork time), the per-process cache starts empty, and the first read of a store in the
+    child closes the inherited handle of that file and opens a new one
+    (:func:`_acquire_env`).  The lock is renewed too: another thread of the parent may
+    have held it when the process forked.
+    """
+    global _ENVS_LOCK
+    _ENVS_LOCK = threading.Lock()
+    for (_pid, dev, ino), entry in _ENVS.items():
+        _INHERITED.setdefault((dev, ino), []).append(entry[0])
+    _ENVS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_envs_after_fork)
+
+
+def _drop_inherited(dev: int, ino: int) -> None:
+    """Close this process's copies of environments inherited (via fork) on ``(dev, ino)``.
+
+    Closing an LMDB environment in a child of the process that opened it is unsafe in
+    general -- with a lock file it could touch the reader table and mutexes shared with
+    the parent -- but these are all opened by :func:`_acquire_env` with ``lock=False``
+    and read-only: there is no lock file, reader table or shared mutex, and
+    ``mdb_env_close`` only unmaps the child's copy of the mapping and closes the child's
+    copies of the descriptors.  The parent's environment is untouched.  It is also the
+    only way to take the file off py-lmdb's "already open" registry in the child."""
+    for env in _INHERITED.pop((dev, ino), ()):
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001 -- a handle we only need gone
+            pass
 
 
 def _acquire_env(db_dir: PathLike) -> tuple[lmdb.Environment, tuple[int, int, int]]:
@@ -491,9 +540,9 @@ def _acquire_env(db_dir: PathLike) -> tuple[lmdb.Environment, tuple[int, int, in
     with _ENVS_LOCK:
         entry = _ENVS.get(key)
         if entry is None:
+            _drop_inherited(st.st_dev, st.st_ino)
             try:
-                env = lmdb.open(str(db_dir), readonly=True, create=False, lock=False, readahead=False,
-                                meminit=False, subdir=True, max_readers=2048)
+                env = lmdb.open(str(db_dir), **_LMDB_READ_ONLY)
             except lmdb.Error as e:
                 raise FeatureStoreError(f"feature store {str(db_dir)!r}: cannot open the LMDB ({e})",
                                         path=db_dir, reason="store") from e
