@@ -33,7 +33,10 @@ def prepare(run_dir: str | Path, checkpoint: str = "auto") -> tuple[Any, Path]:
     built where it can be.  A directory from ``python -m vlfast.export`` (config.yaml,
     no checkpoints/) is its own checkpoint: the exported model is loaded."""
     from vlfast.export import is_export_dir, load_exported_weights
-    from vlfast.training.checkpoint import best_checkpoint_path, latest_checkpoint, load_model_weights
+    import warnings
+
+    from vlfast.training.checkpoint import (best_checkpoint_path, list_checkpoints, load_model_weights,
+                                            newest_intact_checkpoint, sha256_path, verify_checkpoint)
     from vlfast.training.config import UserError, load_config
     from vlfast.training.jobs import VLJob, check_names
 
@@ -45,9 +48,26 @@ def prepare(run_dir: str | Path, checkpoint: str = "auto") -> tuple[Any, Path]:
     check_names(cfg)
     if checkpoint in ("auto", "best", "latest"):
         best = best_checkpoint_path(run_dir)
-        path = best if checkpoint in ("auto", "best") and best.is_file() else latest_checkpoint(run_dir)
         if checkpoint == "best" and not best.is_file():
             raise FileNotFoundError(f"--checkpoint best: {run_dir} kept no best checkpoint")
+        path = None
+        if checkpoint in ("auto", "best") and best.is_file():
+            why = verify_checkpoint(best)
+            if why is None:
+                path = best
+            elif checkpoint == "best":
+                raise UserError(f"--checkpoint best: {best} is corrupt: {why}")
+            else:
+                warnings.warn(f"{best} is corrupt ({why}); scoring the newest intact step checkpoint instead",
+                              RuntimeWarning, stacklevel=2)
+        if path is None and list_checkpoints(run_dir):
+            path, skipped = newest_intact_checkpoint(run_dir)
+            for why in skipped:  # a corrupt newest checkpoint: say so in plain words, use the newest intact one
+                warnings.warn(why + ("; scoring " + str(path) + " instead" if path else ""), RuntimeWarning,
+                              stacklevel=2)
+            if path is None:
+                raise UserError(f"--run-dir: every checkpoint in {run_dir / 'checkpoints'} is corrupt ("
+                                + "; ".join(skipped) + ")")
         if path is None and is_export_dir(run_dir):
             path = run_dir  # an exported model (python -m vlfast.export)
         if path is None:
@@ -56,6 +76,10 @@ def prepare(run_dir: str | Path, checkpoint: str = "auto") -> tuple[Any, Path]:
         path = Path(checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"--checkpoint: {path} does not exist")
+        if path.is_file() and sha256_path(path).is_file():
+            why = verify_checkpoint(path)
+            if why is not None:
+                raise UserError(f"--checkpoint: {path} is corrupt: {why}")
     job = VLJob(cfg)
     try:
         load = load_exported_weights if is_export_dir(path) else load_model_weights

@@ -180,3 +180,26 @@ def test_soft_target_loss_rejects_non_finite_and_negative_targets(bad):
     with pytest.raises(ValueError, match=r"vlfast\.ops\.linear_soft_cross_entropy: targets: expected finite "
                                          r"probabilities >= 0, got .* at index \(1, 2\)"):
         ops.linear_soft_cross_entropy(h, w, None, t)
+
+
+def test_evaluate_says_a_checkpoint_is_corrupt_and_scores_the_newest_intact_one(tmp_path, capsys):
+    """python -m vlfast.evaluate on a run whose newest checkpoint is truncated used to
+    show torch's raw zip error."""
+    from vlfast.evaluate import main as evaluate
+    from vlfast.train import main
+
+    run = tmp_path / "run"
+    assert main(["--config", "tiny_test", "--run-dir", str(run), "optim.total_steps=2", "eval.at_end=false",
+                 "data.options.n_images=30", "checkpoint.every=1", "checkpoint.keep_last=2"]) == 0
+    newest = list_checkpoints(run)[-1][1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match=r"step_00000002\.pt is corrupt: its SHA-256 .* differs from the one "
+                                            r"recorded when it was written.*scoring .*step_00000001\.pt instead"):
+        code = evaluate(["--run-dir", str(run)])
+    out, err = capsys.readouterr()
+    assert code == 0 and "step_00000001.pt" in out, err
+    code = evaluate(["--run-dir", str(run), "--checkpoint", str(newest)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"vlfast.evaluate: --checkpoint: {newest} is corrupt: its SHA-256")
