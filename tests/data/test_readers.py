@@ -144,10 +144,14 @@ def test_uniter_all_db_computes_nbb_like_detectfeatlmdb(tmp_path):
         np.testing.assert_array_equal(got.features, r.features[:n])  # fp16=False: exact float32
         np.testing.assert_array_equal(got.boxes, r.boxes[:n])
     assert store.name2nbb["img_000.npz"] == 3  # 3 stored rows, rule says >= min_bb 4
-    # conf_th == -1: a fixed num_bb for every key (UNITER's name2nbb), rows capped on read
+    # conf_th == -1: a fixed num_bb for every key (UNITER's name2nbb), the first num_bb rows
     fixed = UniterFeatureStore(tmp_path / "all_compressed", conf_th=-1, num_bb=6)
     assert fixed.num_boxes("img_001.npz") == 6 and fixed["img_001.npz"].num_boxes == 6
-    assert fixed["img_000.npz"].num_boxes == 3
+    # a record with fewer rows than the num_bb it is counted with is a bad record (it used
+    # to be cut silently, while num_boxes() still said 6)
+    with pytest.raises(FeatureStoreError, match=r"record 'img_000\.npz': field 'features': expected at least "
+                                                r"num_bb = 6 rows"):
+        fixed["img_000.npz"]
 
 
 def test_uniter_official_bytes_allow_pickle_member_and_msgpack_numpy(tmp_path):

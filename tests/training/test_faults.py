@@ -203,3 +203,59 @@ def test_evaluate_says_a_checkpoint_is_corrupt_and_scores_the_newest_intact_one(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith(f"vlfast.evaluate: --checkpoint: {newest} is corrupt: its SHA-256")
+
+
+def _bad_records(kind: str):
+    import numpy as np
+
+    from vlfast.data.batch import ImageRecord
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(6, 8)).astype(np.float32)
+    boxes = np.tile(np.array([[0.1, 0.1, 0.5, 0.5]], np.float32), (6, 1))
+    good = ImageRecord(img_id="good", features=rng.normal(size=(6, 8)).astype(np.float32), boxes=boxes.copy())
+    if kind == "nan_feature":
+        feats[2, 3] = np.nan
+    elif kind == "inf_feature":
+        feats[4, 0] = np.inf
+    else:
+        boxes[1, 2] = np.nan
+    return [good, ImageRecord(img_id="bad", features=feats, boxes=boxes)]
+
+
+@pytest.mark.parametrize("layout", ["uniter", "vilbert", "tsv", "npz"])
+@pytest.mark.parametrize("kind", ["nan_feature", "inf_feature", "nan_box"])
+def test_readers_reject_non_finite_features_and_boxes(tmp_path, layout, kind):
+    """The readers used to accept NaN/inf features and NaN boxes silently; now the error
+    names the record and the field."""
+    from vlfast.data import readers as R
+
+    recs = _bad_records(kind)
+    write = {"uniter": lambda p: R.write_uniter_lmdb(p, recs, conf_th=-1, num_bb=6),
+             "vilbert": lambda p: R.write_vilbert_lmdb(p, recs), "tsv": lambda p: R.write_tsv(p / "f.tsv", recs),
+             "npz": lambda p: R.write_npz_folder(p, recs)}[layout]
+    out = write(tmp_path / "store")
+    store = R.open_feature_store(out if out is not None else tmp_path / "store")
+    key = next(k for k in store if "bad" in str(k))
+    good = next(k for k in store if "good" in str(k))
+    assert store[good].features.shape == (6, 8)
+    field = "boxes" if kind == "nan_box" else "features"
+    with pytest.raises(R.FeatureStoreError, match=rf"record '{key}': field '{field}': finite values expected, got "
+                                                  r"(nan|inf) at index"):
+        store[key]
+
+
+def test_reader_rejects_fewer_rows_than_num_bb(tmp_path):
+    """A UNITER record with fewer feature rows than its num_bb used to train silently."""
+    import numpy as np
+
+    from vlfast.data import readers as R
+    from vlfast.data.batch import ImageRecord
+
+    rec = ImageRecord(img_id="short", features=np.ones((4, 8), np.float32), boxes=np.full((4, 4), 0.2, np.float32))
+    out = R.write_uniter_lmdb(tmp_path / "db", [rec], conf_th=-1, num_bb=4)
+    store = R.open_feature_store(out if out is not None else tmp_path / "db")
+    store.num_bb = 6  # as a DB whose nbb promises more rows than the record holds
+    with pytest.raises(R.FeatureStoreError, match=r"record 'short': field 'features': expected at least num_bb = 6 "
+                                                  r"rows .*, got 4"):
+        store["short"]

@@ -171,6 +171,14 @@ def _as_array(path: PathLike, key: str, field: str, value: Any) -> np.ndarray:
     return arr
 
 
+def _check_finite(path: PathLike, key: str, field: str, arr: np.ndarray) -> None:
+    """NaN/inf in a record's features or boxes is a bad record, named by key and field
+    (it would otherwise surface as a NaN loss steps later, with no record to blame)."""
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise _bad_field(path, key, field, f"finite values expected, got {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+
+
 def _make_record(path: PathLike, key: str, features: Any, boxes: Any, *, conf: Any = None,
                  soft_labels: Any = None, width: Any = 1, height: Any = 1) -> ImageRecord:
     """Check shapes (errors name the field) and build an ImageRecord with float32 arrays.
@@ -196,6 +204,8 @@ def _make_record(path: PathLike, key: str, features: Any, boxes: Any, *, conf: A
         if s.ndim != 2 or s.shape[0] != n:
             raise _bad_field(path, key, "soft_labels", f"expected shape ({n}, C), got {s.shape}")
         s = np.array(s, dtype=np.float32)
+    for name, arr in (("features", f), ("boxes", b)):
+        _check_finite(path, key, name, arr)
     w, h = _scalar_size(path, key, "width", width), _scalar_size(path, key, "height", height)
     return ImageRecord(img_id=key, features=np.array(f, dtype=np.float32), boxes=np.array(b, dtype=np.float32),
                        conf=c, soft_labels=s, width=w, height=h)
@@ -799,6 +809,9 @@ class UniterFeatureStore(_LmdbStore):
         if bb.ndim != 2 or bb.shape[1] < 4 or bb.shape[0] != feats.shape[0]:
             raise _bad_field(self.path, key, "norm_bb", f"expected shape ({feats.shape[0]}, 6) "
                              f"[x1, y1, x2, y2, w, h] (at least 4 columns), got {bb.shape}")
+        if feats.shape[0] < nbb:
+            raise _bad_field(self.path, key, "features", f"expected at least num_bb = {nbb} rows (the DB's nbb "
+                             f"table / num_bb), got {feats.shape[0]}")
         conf, soft = dump.get("conf"), dump.get("soft_labels")
         return _make_record(self.path, key, feats[:nbb], bb[:nbb, :4],
                             conf=None if conf is None else _slice_rows(self.path, key, "conf", conf, nbb),
@@ -809,6 +822,8 @@ def _slice_rows(path: PathLike, key: str, field: str, value: Any, n: int) -> np.
     arr = _as_array(path, key, field, value)
     if arr.ndim == 0:
         raise _bad_field(path, key, field, "expected one row per box, got a scalar")
+    if arr.shape[0] < n:
+        raise _bad_field(path, key, field, f"expected at least num_bb = {n} rows, got {arr.shape[0]}")
     return arr[:n]
 
 
