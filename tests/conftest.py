@@ -51,3 +51,14 @@ def pytest_report_header(config: pytest.Config) -> str:
     return (f"vlfast tests: devices={','.join(DEVICES)} "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} "
             f"VLFAST_BACKEND={os.environ.get('VLFAST_BACKEND', '')!r}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault-injection file's tally (tests/training/test_faults.py): every case is
+    a fault the training stack must survive with a clear error or a clean recovery."""
+    stats = terminalreporter.stats
+    ran = {o: [r for r in stats.get(o, []) if getattr(r, "when", "call") == "call"
+               and "test_faults.py::" in getattr(r, "nodeid", "")] for o in ("passed", "failed")}
+    total = len(ran["passed"]) + len(ran["failed"])
+    if total:
+        terminalreporter.write_line(f"faults survived: {len(ran['passed'])}/{total}")

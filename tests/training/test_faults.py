@@ -259,3 +259,38 @@ def test_reader_rejects_fewer_rows_than_num_bb(tmp_path):
     with pytest.raises(R.FeatureStoreError, match=r"record 'short': field 'features': expected at least num_bb = 6 "
                                                   r"rows .*, got 4"):
         store["short"]
+
+
+def _uniter_tiny():
+    from vlfast.models import Uniter, UniterConfig
+
+    torch.manual_seed(0)
+    return Uniter(UniterConfig.small(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, img_dim=16, vocab_size=50))
+
+
+MALFORMED = [
+    ("attention key_mask of ints", lambda ops: ops.attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8),
+                                                             torch.randn(1, 2, 4, 8), torch.ones(1, 4)),
+     r"vlfast\.ops\.attention: key_mask: expected dtype bool"),
+    ("attention head dims differ", lambda ops: ops.attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 6),
+                                                             torch.randn(1, 2, 4, 8)),
+     r"vlfast\.ops\.attention: k: expected"),
+    ("layer_norm weight of another size", lambda ops: ops.layer_norm(torch.randn(2, 8), torch.ones(7), torch.zeros(8)),
+     r"vlfast\.ops\.layer_norm: weight: expected shape \(E=8,\)"),
+    ("ipot masks of another length", lambda ops: ops.ipot(torch.rand(1, 3, 4), torch.ones(1, 2, dtype=torch.bool),
+                                                          torch.ones(1, 4, dtype=torch.bool)),
+     r"vlfast\.ops\.ipot: x_mask: expected"),
+    ("model: visual features of another width",
+     lambda ops: _uniter_tiny()(torch.randint(5, 50, (2, 6)), visual_feats=torch.randn(2, 3, 12),
+                                visual_boxes=torch.rand(2, 3, 7)),
+     r"visual_feats"),
+]
+
+
+@pytest.mark.parametrize("what,call,message", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_inputs_name_what_is_wrong(what, call, message):
+    import vlfast.ops as ops
+
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(ops)
