@@ -139,7 +139,6 @@ def autocast_op(policy: str = "lower", *, keep: Sequence[str] = ()) -> Callable[
             with torch.autocast(device_type=dev, enabled=False):
                 return fn(*args, **kwargs)
 
-        wrapper.__vlfast_autocast__ = (policy, tuple(sorted(skip)))  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return deco

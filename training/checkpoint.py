@@ -137,7 +137,8 @@ def verify_checkpoint(path: PathLike) -> Optional[str]:
         return "the file is empty (0 bytes)"
     side = sha256_path(path)
     if side.is_file():
-        want = side.read_text().split()[0] if side.read_text().split() else ""
+        words = side.read_text().split()
+        want = words[0] if words else ""
         got = _sha256_of(path)
         if got != want:
             return (f"its SHA-256 ({got[:12]}...) differs from the one recorded when it was written "
@@ -283,12 +284,16 @@ def prune_checkpoints(run_dir: PathLike, keep_last: int) -> list[Path]:
     return removed
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
-    """Read a step checkpoint (``weights_only=True``) and check its format tag."""
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu", *,
+                    verify: bool = True) -> dict[str, Any]:
+    """Read a step checkpoint (``weights_only=True``) and check its format tag.
+    ``verify``: check it against its SHA-256 sidecar first (``False`` when the caller
+    just did, e.g. :func:`newest_intact_checkpoint`: a checkpoint is hashed once)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: {path} does not exist")
-    why = verify_checkpoint(path) if sha256_path(path).is_file() or path.stat().st_size == 0 else None
+    check = verify and (sha256_path(path).is_file() or path.stat().st_size == 0)
+    why = verify_checkpoint(path) if check else None
     if why is not None:
         raise RuntimeError(f"load_checkpoint: {path} is corrupt: {why}")
     try:
@@ -579,8 +584,8 @@ def load_model_weights(model: nn.Module, path: PathLike, *, allow_partial: bool 
         release_missing = tuple(getattr(type(bb), "release_missing", ()))
         rep.expected_missing = [k for k in bb_keys if k not in usable
                                 and k[len("backbone."):].startswith(release_missing)] if release_missing else []
-        rep.fresh = [k for k in own if not k.startswith("backbone.") and k not in usable
-                     and k not in {m[0] for m in rep.mismatched}]
+        skipped = {m[0] for m in rep.mismatched}
+        rep.fresh = [k for k in own if not k.startswith("backbone.") and k not in usable and k not in skipped]
     else:
         rep.kind = what
     rep.unexpected = [k for k in sd if k not in used]

@@ -576,7 +576,8 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
     if resume and existing and ckpt_path is None:
         raise RuntimeError(f"resume: every checkpoint in {checkpoint_dir(run_dir)} is corrupt ("
                            + "; ".join(skipped) + "); move them away to start the run afresh")
-    state = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    # newest_intact_checkpoint has just hashed it: no second pass over the file
+    state = load_checkpoint(ckpt_path, verify=False) if ckpt_path is not None else None
     start_step = int(state["step"]) if state else 0
 
     seed_everything(cfg.seed + info.rank)
