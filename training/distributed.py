@@ -188,3 +188,42 @@ def no_sync_if(model: nn.Module, skip_sync: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+# ----------------------------------------------------------------------------------
+# Loss means over the ranks' global count
+# ----------------------------------------------------------------------------------
+
+_GLOBAL_MEAN: Optional[DistInfo] = None
+
+
+@contextmanager
+def global_loss_mean(info: DistInfo) -> Iterator[None]:
+    """Within this block (the training loop's forward passes), :func:`global_mean_scales`
+    rescales per-rank means to means over every rank's loss units (HF Trainer's
+    ``average_tokens_across_devices``).  A no-op on a single process."""
+    global _GLOBAL_MEAN
+    prev = _GLOBAL_MEAN
+    _GLOBAL_MEAN = info if info.distributed and info.world_size > 1 else None
+    try:
+        yield
+    finally:
+        _GLOBAL_MEAN = prev
+
+
+def global_mean_scales(counts: list[int], device: torch.device) -> Optional[torch.Tensor]:
+    """Factors (len(counts),) that turn each of this rank's mean losses over
+    ``counts[i]`` units (masked words, masked regions, pairs) into its share of the mean
+    over all ranks' units: ``counts[i] * world_size / sum over ranks of counts[i]``
+    (0 where no rank has a unit).  DDP averages gradients over ranks, so the averaged
+    gradient is that of the global mean: 2 ranks x B = 1 process x 2B, even when the
+    ranks hold different numbers of masked words.  None outside
+    :func:`global_loss_mean` or on a single process (no collective)."""
+    info = _GLOBAL_MEAN
+    if info is None or not counts:
+        return None
+    local = torch.tensor(counts, dtype=torch.float64, device=info.device)
+    total = local.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    scale = torch.where(total > 0, local * info.world_size / total.clamp(min=1), torch.zeros_like(local))
+    return scale.to(device=device, dtype=torch.float32)

@@ -54,14 +54,16 @@ noun of the synthetic noun phrases); accuracy = the predicted region's box has I
 0.5 with a gold box of the phrase (Flickr30k Entities' any-box rule).
 
 Batches are a pure function of (seed, task, epoch, position): every rank draws the
-same permutation and takes its shard, so resumed and distributed runs see the same
-data.  Train and evaluation batches come from a ``torch.utils.data.DataLoader`` over
+same permutation, global batch i is its i-th run of ``batch_size x world_size``
+examples, and rank r takes the r-th ``batch_size`` of them, so resumed and distributed
+runs see the same data, and 2 ranks x B see at each step the samples of 1 process x 2B.  Train and evaluation batches come from a ``torch.utils.data.DataLoader`` over
 the batches' index lists with ``data.num_workers`` workers (no persistent workers;
 pinned memory on CUDA; workers ignore SIGTERM so the loop can checkpoint; a loader that
 ends early -- an error, its batches dropped, the process exiting -- shuts its workers
 down and SIGKILLs those alive after ``WORKER_EXIT_GRACE_S`` = 5 s): the
 collator seeds each batch from its samples and the epoch, so 0 or N workers give the
-same batches.  Evaluation returns the same numbers on every rank.
+same batches (pretraining samples are seeded one by one: their masks and ITM negatives
+do not depend on the batch either).  Evaluation returns the same numbers on every rank.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -363,6 +366,24 @@ class VcrImages(Mapping):
         return f"VcrImages(det={self.det!r}, gt={self.gt!r}, {len(self._pairs)} combined images)"
 
 
+def _feature_dim(store: Mapping[str, ImageRecord], probe: int = 64) -> int:
+    """The feature width of a store: that of its first readable record among the first
+    ``probe`` (a bad record is the batches' business: data.on_bad_record)."""
+    first: Optional[BaseException] = None
+    for k, key in enumerate(store.keys()):
+        if k >= probe:
+            break
+        try:
+            return int(store[key].features.shape[1])
+        except Exception as e:
+            if _bad_record(e) is None:
+                raise
+            first = first or e
+    if first is not None:
+        raise first
+    raise ValueError(f"data.path: the feature store {getattr(store, 'path', store)!r} holds no record")
+
+
 class FeatureStoreSource(DataSource):
     """Real features: a feature store (``data.path``, any layout of
     :func:`vlfast.data.readers.open_feature_store`) and UNITER-format text DBs
@@ -400,13 +421,12 @@ class FeatureStoreSource(DataSource):
         vocab = opts.get("vocab") or str(bert_checkpoint_dir() / "vocab.txt")
         self.vocab_path = vocab
         self.tokenizer = load_wordpiece(vocab)
-        first = next(iter(det.keys()))
-        self.feat_dim = int(det[first].features.shape[1])
+        self.feat_dim = _feature_dim(det)
         gt_path = opts.get("gt_img_db")
         self.records: Mapping[str, ImageRecord]
         if gt_path:
             gt = open_feature_store(gt_path)
-            gt_dim = int(gt[next(iter(gt.keys()))].features.shape[1])
+            gt_dim = _feature_dim(gt)
             if gt_dim != self.feat_dim:
                 _fail("data.options.gt_img_db", f"features of data.path's size {self.feat_dim} ({path})",
                       f"{gt_dim} in {gt_path}")
@@ -757,15 +777,74 @@ class _Pinnable:
         return _Pinnable(_pin_batch(self.batch))
 
 
-class _CollateFn:
-    """The DataLoader's collate_fn: ``fn(samples)``, wrapped for pinning when asked."""
+class _Dropped:
+    """A batch whose every sample read a bad feature record (``data.on_bad_record=skip``)."""
 
-    def __init__(self, fn: Any, pin: bool):
-        self.fn, self.pin = fn, pin
+    __slots__ = ("skipped",)
+
+    def __init__(self, skipped: list[dict[str, Any]]):
+        self.skipped = skipped
+
+
+class _CollateFn:
+    """The DataLoader's collate_fn: ``fn(samples)``, wrapped for pinning when asked.
+
+    ``skip_bad``: a FeatureStoreError naming a record (missing, undecodable, NaN/inf,
+    short) does not stop the run: the samples are collated one by one to find those
+    that read a bad record (per-sample generators: each draws alone what it draws in
+    the batch), the rest is collated again, and ``meta["skipped_records"]`` (one dict
+    per dropped sample: position, store, key, field, error) and
+    ``meta["kept_positions"]`` say what happened; a batch with no good sample comes
+    back as :class:`_Dropped`."""
+
+    def __init__(self, fn: Any, pin: bool, skip_bad: bool = False):
+        self.fn, self.pin, self.skip_bad = fn, pin, skip_bad
 
     def __call__(self, samples: list[Any]) -> Any:
-        b = self.fn(samples)
+        try:
+            b = self.fn(samples)
+        except Exception as e:
+            if not self.skip_bad or _bad_record(e) is None:
+                raise
+            b = self._without_bad(samples)
+            if isinstance(b, _Dropped):
+                return b
         return _Pinnable(b) if self.pin else b
+
+    def _without_bad(self, samples: list[Any]) -> Any:
+        keep: list[int] = []
+        skipped: list[dict[str, Any]] = []
+        for i, smp in enumerate(samples):
+            try:
+                self.fn([smp])
+            except Exception as e:
+                bad = _bad_record(e)
+                if bad is None:
+                    raise
+                skipped.append({"position": i, "store": bad.path, "key": bad.key, "field": bad.field,
+                                "error": str(bad)})
+                continue
+            keep.append(i)
+        if not skipped:  # only the batch fails (a negative drawn across samples): name it
+            raise RuntimeError("data.on_bad_record=skip: the batch reads a bad feature record that none of its "
+                               "samples reads alone; cannot tell which sample to drop")
+        if not keep:
+            return _Dropped(skipped)
+        b = self.fn([samples[i] for i in keep])
+        b.meta["skipped_records"] = skipped
+        b.meta["kept_positions"] = keep
+        return b
+
+
+def _bad_record(e: Optional[BaseException]) -> Any:
+    """The FeatureStoreError naming one record (not an unreadable store) that ``e`` is
+    or was raised from (the collators re-raise it with their own context), else None."""
+    from vlfast.data.readers import FeatureStoreError
+    while e is not None:
+        if isinstance(e, FeatureStoreError):
+            return e if e.key is not None and e.reason != "store" else None
+        e = e.__cause__
+    return None
 
 
 class _PairCollate:
@@ -789,6 +868,9 @@ class VLJob:
         check_names(cfg, check_source=source is None)  # before the data source is built
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
+        # data.on_bad_record=skip: (store, key) -> the error, and the samples dropped so far
+        self.bad_records: dict[tuple[Optional[str], str], str] = {}
+        self.skipped_samples = 0
         self.options = split_options(cfg.data.options)[1]
         self.source = source if source is not None else make_source(cfg)
         tasks = list(cfg.tasks)
@@ -938,18 +1020,35 @@ class VLJob:
         pin = self.cfg.device != "cpu" and torch.cuda.is_available()
         g = torch.Generator()
         g.manual_seed(seed % 2**63)
+        skip = self.cfg.data.on_bad_record == "skip"
         loader = torch.utils.data.DataLoader(
-            _Items(items), batch_sampler=batches, num_workers=nw, collate_fn=_CollateFn(collate, pin),
+            _Items(items), batch_sampler=batches, num_workers=nw, collate_fn=_CollateFn(collate, pin, skip),
             pin_memory=pin, persistent_workers=False, worker_init_fn=_ignore_sigterm if nw else None, generator=g)
         if not nw:
             for b in loader:
-                yield b.batch if isinstance(b, _Pinnable) else b
+                yield self._unwrap(b)
             return
         # workers: shut down (SIGKILL after WORKER_EXIT_GRACE_S) when this generator ends
         # in any way, or at exit while it is still suspended (a failed training step)
         with _workers_stopped_on_exit(iter(loader)) as it:
             for b in it:
-                yield b.batch if isinstance(b, _Pinnable) else b
+                yield self._unwrap(b)
+
+    def _unwrap(self, b: Any) -> Optional[VLBatch]:
+        """The loader's item as a batch, or None for a batch dropped whole; skipped
+        records are logged (once each) and counted in :attr:`bad_records`."""
+        if isinstance(b, _Pinnable):
+            b = b.batch
+        skipped = b.skipped if isinstance(b, _Dropped) else getattr(b, "meta", {}).get("skipped_records", ())
+        for rec in skipped:
+            key = (rec["store"], rec["key"])
+            if key not in self.bad_records:
+                self.bad_records[key] = rec["error"]
+                where = f"rank {self.rank}: " if self.world_size > 1 else ""
+                print(f"vlfast: {where}data.on_bad_record=skip: {rec['error']}; its samples are dropped "
+                      f"({len(self.bad_records)} bad record(s) so far)", file=sys.stderr, flush=True)
+        self.skipped_samples += len(skipped)
+        return None if isinstance(b, _Dropped) else b
 
     def _batches_of_epoch(self, td: _TaskData, task: str, epoch: int) -> list[list[int]]:
         """This rank's batches (lists of example indices) of an epoch."""
@@ -960,14 +1059,16 @@ class VLJob:
                                          world_size=self.world_size)
             sampler.set_epoch(epoch)
             return [list(b) for b in sampler.batches(epoch)]
+        # The global batch i is perm[i*B*W:(i+1)*B*W] and rank r takes its r-th slice of B:
+        # 2 ranks x B see, step by step, the samples 1 process x 2B sees.
         rng = np.random.default_rng([_task_seed(self.cfg.seed, task), epoch])
         perm = rng.permutation(len(td.examples))
-        per_rank = len(perm) // self.world_size
-        mine = perm[self.rank * per_rank:(self.rank + 1) * per_rank]
-        n = len(mine) // bs  # full batches only: every rank the same count, every micro-batch the same size
+        gb = bs * self.world_size
+        n = len(perm) // gb  # full batches only: every rank the same count, every micro-batch the same size
         if n == 0:
-            _fail("data.batch_size", f"<= the examples per rank ({len(mine)}) of task {task!r}", bs)
-        return [mine[i * bs:(i + 1) * bs].tolist() for i in range(n)]
+            _fail("data.batch_size", f"<= the examples per rank ({len(perm) // self.world_size}) of task {task!r}", bs)
+        lo = self.rank * bs
+        return [perm[i * gb + lo:i * gb + lo + bs].tolist() for i in range(n)]
 
     def train_batches(self, task: str, epoch: int, start: int) -> Iterator[VLBatch]:
         """This rank's batches of ``task`` in ``epoch`` from position ``start`` on (a
@@ -999,7 +1100,10 @@ class VLJob:
         chunks = [list(range(i, min(i + bs, len(td.examples)))) for i in range(0, len(td.examples), bs)]
         batches = self._loader(td.examples, chunks, td.collator, _task_seed(self.cfg.seed, f"{task}/eval/{split}"))
         for idx, batch in zip(chunks, batches):
-            yield [td.examples[i] for i in idx], batch
+            if batch is None:  # every sample read a bad record (data.on_bad_record=skip)
+                continue
+            kept = batch.meta.get("kept_positions")
+            yield [td.examples[idx[k]] for k in (kept if kept is not None else range(len(idx)))], batch
 
     def evaluate(self, model: nn.Module, split: str = "val") -> dict[str, float]:
         """Validation metrics: pretraining -> mean loss (and metrics) per task, and for
@@ -1132,6 +1236,13 @@ class VLJob:
         scores = torch.empty(nt * ni, dtype=torch.float32)
         batches = self._loader(pairs, chunks, collate, _task_seed(self.cfg.seed, f"retrieval/eval/{split}"))
         for idx, batch in zip(chunks, batches):
+            if batch is None or "kept_positions" in batch.meta:  # pairs of a bad record (on_bad_record=skip)
+                scores[idx[0]:idx[-1] + 1] = float("-inf")
+                if batch is None:
+                    continue
+                kept = torch.tensor([idx[k] for k in batch.meta["kept_positions"]])
+                scores[kept] = model.row_scores(batch.to(device)).float().cpu()
+                continue
             scores[idx[0]:idx[-1] + 1] = model.row_scores(batch.to(device)).float().cpu()
         return scores.view(nt, ni), [e["id"] for e in texts], img_ids, [col[e["img_id"]] for e in texts]
 

@@ -19,7 +19,9 @@ The job (see :class:`Job`) owns the model, the data and the losses:
   skip cheaply, in the sampler, without loading the skipped data).  The batches must
   be a function of (seed, task, epoch, position) only -- never of the global RNGs --
   so a resumed run sees the same batches; under DDP every rank must get the same
-  number of batches per epoch (a sharded sampler does).  The loop chains epochs:
+  number of batches per epoch (a sharded sampler does).  A ``None`` in place of a
+  batch is a position the job dropped (it counts for the resume position; an epoch
+  of only ``None`` is an error).  The loop chains epochs:
   a gradient-accumulation group may span an epoch boundary.  A batch is moved to the
   device with ``batch.to(device)`` (tensors, objects with ``.to`` such as
   :class:`vlfast.data.batch.VLBatch`, and dicts/lists/tuples of them).
@@ -87,7 +89,7 @@ from .checkpoint import (BEST_FORMAT, FORMAT, VERSION, atomic_torch_save, atomic
                          remove_stale_temp_files,
                          rng_state, seed_everything, set_rng_state, step_checkpoint_path)
 from .config import TrainConfig, UserError, config_diff, load_config, save_config
-from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier, cleanup,
+from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, barrier, cleanup, global_loss_mean,
                           init_distributed, no_sync_if, wrap_model)
 from .optim import build_optimizer, build_scheduler, lr_factor
 
@@ -220,15 +222,21 @@ class _Stream:
         while True:
             if self._it is None:
                 self._it = iter(self.job.train_batches(self.task, self.epoch, self.index))
+                self._from, self._got = self.index, False
             try:
                 b = next(self._it)
             except StopIteration:
-                if self.index == 0:
+                if self._from == 0 and not self._got:
+                    why = ("yielded no batch: the task has no training data on this rank" if self.index == 0 else
+                           f"dropped all its {self.index} batches (every sample read a bad record)")
                     raise RuntimeError(f"job.train_batches(task={self.task!r}, epoch={self.epoch}, start=0) "
-                                       "yielded no batch: the task has no training data on this rank") from None
+                                       + why) from None
                 self.epoch, self.index, self._it = self.epoch + 1, 0, None
                 continue
             self.index += 1
+            if b is None:  # a position the job dropped (every record of the batch bad: data.on_bad_record=skip)
+                continue
+            self._got = True
             return b
 
     def state(self) -> dict[str, int]:
@@ -741,7 +749,7 @@ def _train(job: Job, cfg: TrainConfig, run_dir: Path, resume: bool, init_checkpo
                 with nvtx_range("data"):
                     batch = move_to(stream.next(), device)
                 with no_sync_if(ddp_model, micro < accum - 1):
-                    with nvtx_range("forward"), _autocast(device, cfg.amp):
+                    with nvtx_range("forward"), _autocast(device, cfg.amp), global_loss_mean(info):
                         out = job.step(ddp_model, batch, task)
                     if not isinstance(out, tuple) or len(out) != 4:
                         raise TypeError("job.step: expected a StepOutput(loss, metrics, samples, tokens), got "

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from vlfast.data.batch import VLBatch
 from vlfast.models.base import ModelConfig
 from vlfast.training import objectives as O
+from vlfast.training.distributed import global_mean_scales
 from vlfast.training.objectives import ObjectiveResult
 
 _MASK64 = (1 << 64) - 1
@@ -122,24 +123,28 @@ class PretrainModel(nn.Module):
         Returns an ObjectiveResult: loss = the sum of the objectives' losses; metrics
         ``"<objective>/<metric>"`` (e.g. ``mlm/loss``, ``mlm/acc``, ``wra/ot_pos``);
         count = the first objective's count (its loss units: masked words, regions or
-        pairs)."""
+        pairs).  Under the training loop's DDP (:func:`distributed.global_loss_mean`)
+        each objective's mean is rescaled to its share of the mean over every rank's
+        units (one all-reduce of the counts per batch), so the ranks' averaged gradient
+        is that of one process on their joint batch."""
         names = self.tasks.get(task)
         if names is None:
             raise ValueError(f"PretrainModel.forward: task: expected one of {self.task_names}, got {task!r}")
         if not isinstance(batch, VLBatch):
             raise TypeError(f"PretrainModel.forward: batch: expected a VLBatch, got {type(batch).__name__}")
         out = self.encode(batch)
-        loss: Optional[Tensor] = None
+        results = [self.objectives[name](self.backbone, batch, out) for name in names]
         metrics: dict[str, float] = {}
-        count = 0
-        for i, name in enumerate(names):
-            r = self.objectives[name](self.backbone, batch, out)
-            loss = r.loss if loss is None else loss + r.loss
+        for name, r in zip(names, results):
             metrics.update({f"{name}/{k}": v for k, v in r.metrics.items()})
-            if i == 0:
-                count = r.count
-        assert loss is not None
-        return ObjectiveResult(loss, metrics, count)
+        losses = [r.loss for r in results]
+        scales = global_mean_scales([int(r.count) for r in results], losses[0].device)
+        if scales is not None:
+            losses = [l * scales[i].to(l.dtype) for i, l in enumerate(losses)]
+        loss = losses[0]
+        for l in losses[1:]:
+            loss = loss + l
+        return ObjectiveResult(loss, metrics, results[0].count)
 
     # -- official head names -------------------------------------------------------
 

@@ -334,6 +334,40 @@ def test_collate_determinism():
     assert torch.equal(c2(samples).targets["mlm_labels"], c(samples).targets["mlm_labels"])
 
 
+@pytest.mark.parametrize("task", ["mlm", "mrfr", "mrm-vilbert", "itm"])
+def test_collator_draws_per_sample(task):
+    """A sample's masks / ITM negative come from (seed, epoch, its id) alone: the batch
+    [s0..s5] equals [s0..s2] + [s3..s5] row by row (what makes 2 ranks x B equal 1
+    process x 2B), and a per-sample draw is that sample's own generator's."""
+    recs = {**RECORDS, "d": _rec("d", 3)}
+    samples = [dict(S0, id=f"s{k}", img_id="abd"[k % 3], input_ids=[CLS] + list(range(2000 + k, 2012 + k)) + [SEP])
+               for k in range(6)]
+    opts = MLM if task == "mlm" else {}
+    c = make_collator(task, recs, seed=11, **opts)
+    whole, halves = c(samples), [c(samples[:3]), c(samples[3:])]
+    if task == "mlm":
+        key = "mlm_labels"
+        got = torch.cat([torch.nn.functional.pad(h.targets[key], (0, whole.targets[key].shape[1] - h.targets[key].shape[1]),
+                                                 value=-100) for h in halves])
+        assert torch.equal(got, whole.targets[key])
+        assert (whole.targets[key] != -100).any(1).all()
+    elif task == "itm":
+        assert whole.meta["img_ids"] == halves[0].meta["img_ids"] + halves[1].meta["img_ids"]
+        assert whole.targets["itm_labels"].tolist() == sum((h.targets["itm_labels"].tolist() for h in halves), [])
+    else:
+        rows = [m for h in halves for m in h.targets["img_masks"]]
+        got = [m[:recs[s["img_id"]].num_boxes].tolist() for s, m in zip(samples, rows)]
+        assert got == [m[:recs[s["img_id"]].num_boxes].tolist() for s, m in zip(samples, whole.targets["img_masks"])]
+    # the same sample alone, by hand from its own generator
+    one = collate_pretrain(samples[4:5], task, recs, rng=[c.sample_rngs(samples[4:5])[0]], **opts)
+    if task == "mlm":
+        assert torch.equal(one.targets["mlm_labels"][0], whole.targets["mlm_labels"][4, :one.targets["mlm_labels"].shape[1]])
+    with pytest.raises(ValueError, match=r"rng: expected one Generator per sample \(2\), got 1"):
+        collate_pretrain(samples[:2], task, recs, rng=[np.random.default_rng(0)], **opts)
+    with pytest.raises(TypeError, match=r"rng\[1\]: expected a numpy.random.Generator"):
+        collate_pretrain(samples[:2], task, recs, rng=[np.random.default_rng(0), 3], **opts)
+
+
 def test_collate_pretrain_errors():
     with pytest.raises(KeyError, match="image record 'zz': not found"):
         collate_pretrain([dict(S0, img_id="zz")], "mrfr", RECORDS, rng=0)

@@ -231,6 +231,9 @@ def test_task_trains_and_writes_its_submission(case, source, tmp_path):
 # 4-way cross-entropy leaves ln 4 slowly, so it gets a larger step and a smaller required drop
 # (lr, required loss ratio); the binary NLVR2 heads need a few steps to leave ln 2
 OVERFIT = {"retrieval-vilbert": (1e-2, 0.97), "nlvr2-triplet-uniter": (4e-3, 0.8), "nlvr2-visualbert": (4e-3, 0.8)}
+# UNITER's hard-negative ranking loss sits on its plateau (0.200) for about 7 steps on this
+# batch before it falls (0.157 at step 10, 0.054 at step 12)
+STEPS = {"retrieval-uniter-hard": 11}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -246,7 +249,7 @@ def test_loss_falls_on_a_fixed_batch(case, source):
     model = job.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
-    for _ in range(8):
+    for _ in range(STEPS.get(case, 8)):
         out = job.step(model, batch, task)
         losses.append(float(out.loss.detach()))
         assert math.isfinite(losses[-1])

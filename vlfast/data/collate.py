@@ -55,11 +55,12 @@ NLVR2's "triplet" layout (UNITER's triplet, VisualBERT) keeps one row per sample
 with both images' regions and says which image each region is from in
 ``targets["img_index"]`` (B, Lv) long (0 left, 1 right).
 
-Randomness: the functions take ``rng`` (a numpy Generator or an int seed).
+Randomness: the functions take ``rng`` (a numpy Generator or an int seed;
+:func:`collate_pretrain` also takes one Generator per sample).
 :func:`make_collator` returns a picklable :class:`Collator` (DataLoader
-``collate_fn``) that derives each batch's generator from ``(seed, epoch, the
-batch's sample ids)`` -- the same batch gets the same masks whatever the worker
-or resume point.
+``collate_fn``) that gives each sample its own generator from ``(seed, epoch, the
+sample's id)`` -- a sample gets the same masks and negatives whatever the batch,
+worker, rank or resume point, so 2 ranks x B draw what 1 process x 2B draws.
 
 Packing helpers for the padding-free path: :func:`pack_offsets` (cu_seqlens),
 :func:`packed_index` and :func:`joint_packed_index` (flat positions of the real
@@ -106,6 +107,19 @@ def _rng(rng: Optional[RngLike], where: str) -> np.random.Generator:
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0:
         return np.random.default_rng(int(rng))
     raise TypeError(f"{where}: rng: expected a numpy.random.Generator or a non-negative int seed, got {rng!r}")
+
+
+def _sample_rngs(rng: Any, n: int, where: str) -> Union[np.random.Generator, list[np.random.Generator]]:
+    """One Generator for the batch (a Generator or an int seed), or a list of ``n``
+    Generators, one per sample."""
+    if isinstance(rng, (list, tuple)):
+        if len(rng) != n:
+            raise ValueError(f"{where}: rng: expected one Generator per sample ({n}), got {len(rng)}")
+        for b, g in enumerate(rng):
+            if not isinstance(g, np.random.Generator):
+                raise TypeError(f"{where}: rng[{b}]: expected a numpy.random.Generator, got {g!r}")
+        return list(rng)
+    return _rng(rng, where)
 
 
 def _check_samples(samples: Sequence[Sample], where: str) -> None:
@@ -260,7 +274,8 @@ def collate_pretrain(samples: Sequence[Sample], task: str, records: Mapping[str,
         samples: dicts with "input_ids" and "img_id" (+ optional "token_type_ids", "id").
         task: one of PRETRAIN_TASKS.
         records: img_id -> ImageRecord.
-        rng: numpy Generator or int seed: every random choice of the batch.
+        rng: numpy Generator or int seed (every random choice of the batch), or a list
+            of B Generators, one per sample (each sample's choices from its own).
         mask_id, vocab_range, special_ids: [MASK] id, [lo, hi) of random words, ids
             never masked -- needed by "mlm".
         mask_prob: words / regions masking probability.
@@ -281,7 +296,7 @@ def collate_pretrain(samples: Sequence[Sample], task: str, records: Mapping[str,
     if task not in PRETRAIN_TASKS:
         raise ValueError(f"collate_pretrain: task: expected one of {PRETRAIN_TASKS}, got {task!r}")
     _check_samples(samples, where)
-    g = _rng(rng, where)
+    g = _sample_rngs(rng, len(samples), where)
     text = [_text(s, i, where) for i, s in enumerate(samples)]
     pos_ids = [_field(s, "img_id", i, where) for i, s in enumerate(samples)]
     meta: dict[str, Any] = {"task": task, "ids": [s.get("id") for s in samples]}
@@ -291,8 +306,12 @@ def collate_pretrain(samples: Sequence[Sample], task: str, records: Mapping[str,
         if not 0.0 <= float(itm_neg_prob) <= 1.0:
             raise ValueError(f"{where}: itm_neg_prob: expected a probability in [0, 1], got {itm_neg_prob!r}")
         pool = list(records.keys()) if image_pool is None else image_pool
-        neg = g.random(len(samples)) < float(itm_neg_prob)
-        img_ids = [_sample_negative(pool, p, g, where) if n else p for p, n in zip(pos_ids, neg)]
+        if isinstance(g, list):  # per sample: the coin, then the negative, from its own generator
+            neg = np.array([gb.random() < float(itm_neg_prob) for gb in g], dtype=bool)
+            img_ids = [_sample_negative(pool, p, gb, where) if n else p for p, n, gb in zip(pos_ids, neg, g)]
+        else:
+            neg = g.random(len(samples)) < float(itm_neg_prob)
+            img_ids = [_sample_negative(pool, p, g, where) if n else p for p, n in zip(pos_ids, neg)]
         imgs = _images(records, img_ids, where)
         targets["itm_labels"] = torch.from_numpy((~neg).astype(np.int64))
         meta.update(img_ids=img_ids, pos_img_ids=list(pos_ids))
@@ -617,7 +636,7 @@ def _sample_negative_text(pool: Sequence[Sample], positive: Any, rng: np.random.
 
 
 def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageRecord], *,
-                      rng: Optional[RngLike] = None, num_negatives: int = 0,
+                      rng: Optional[Union[RngLike, Sequence[np.random.Generator]]] = None, num_negatives: int = 0,
                       image_pool: Optional[Sequence[Any]] = None, num_text_negatives: int = 0,
                       text_pool: Optional[Sequence[Sample]] = None, pad_id: int = 0) -> VLBatch:
     """Image-text retrieval as ITM ranking (UNITER's ``ItmRankDataset``): sample b gives
@@ -628,8 +647,8 @@ def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageReco
     ``image_pool`` (default: the records' keys) different from the positive; negative
     texts come from "neg_input_ids" when present, else ``num_text_negatives`` draws
     from ``text_pool`` (dicts with "input_ids" and "img_id") of texts of other images
-    (per sample: the image draws, then the text draws).  Every sample must give the
-    same number of rows.
+    (per sample: the image draws, then the text draws; ``rng`` is one Generator for the
+    batch or one per sample).  Every sample must give the same number of rows.
 
     targets: ``itm_labels`` (rows,) long (1 on each group's first row), ``pair_index``
     (rows,) long.  meta["img_ids"] per row, meta["pos_img_ids"] per sample.
@@ -643,7 +662,13 @@ def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageReco
     if num_text_negatives and not text_pool:
         raise ValueError(f"{where}: text_pool: expected texts to draw {num_text_negatives} negative texts from, "
                          f"got {'none' if text_pool is None else 'an empty pool'}")
-    g = None
+    gen = None if rng is None else _sample_rngs(rng, len(samples), where)
+
+    def g_of(i: int, what: str) -> np.random.Generator:
+        if gen is None:
+            raise ValueError(f"{where}: rng: needed to draw {what} per sample")
+        return gen[i] if isinstance(gen, list) else gen
+
     pool = None
     text, img_ids, labels, index = [], [], [], []
     n_rows = None
@@ -657,22 +682,20 @@ def collate_retrieval(samples: Sequence[Sample], records: Mapping[str, ImageReco
             if pos in negs:
                 raise ValueError(f"{where}: samples[{i}]['neg_img_ids']: contains the positive image {pos!r}")
         else:
-            if num_negatives and pool is None:
-                if rng is None:
-                    raise ValueError(f"{where}: rng: needed to draw {num_negatives} negatives per sample")
-                g = _rng(rng, where) if g is None else g
-                pool = list(records.keys()) if image_pool is None else image_pool
-            negs = [_sample_negative(pool, pos, g, where) for _ in range(num_negatives)]
+            negs = []
+            if num_negatives:
+                g = g_of(i, f"{num_negatives} negatives")
+                pool = (list(records.keys()) if image_pool is None else image_pool) if pool is None else pool
+                negs = [_sample_negative(pool, pos, g, where) for _ in range(num_negatives)]
         if "neg_input_ids" in s:
             neg_txt = [_ids(x, f"samples[{i}]['neg_input_ids'][{k}]", where)
                        for k, x in enumerate(s["neg_input_ids"])]
         else:
-            if num_text_negatives and g is None:
-                if rng is None:
-                    raise ValueError(f"{where}: rng: needed to draw {num_text_negatives} negative texts per sample")
-                g = _rng(rng, where)
-            neg_txt = [_sample_negative_text(text_pool, pos, g, where)  # type: ignore[arg-type]
-                       for _ in range(num_text_negatives)]
+            neg_txt = []
+            if num_text_negatives:
+                g = g_of(i, f"{num_text_negatives} negative texts")
+                neg_txt = [_sample_negative_text(text_pool, pos, g, where)  # type: ignore[arg-type]
+                           for _ in range(num_text_negatives)]
         rows = [(t, pos)] + [(t, n) for n in negs] + [((x, [0] * len(x)), pos) for x in neg_txt]
         if n_rows is None:
             n_rows = len(rows)
@@ -812,16 +835,15 @@ def collate_grounding(samples: Sequence[Sample], records: Mapping[str, ImageReco
 # The collate_fn object
 # ----------------------------------------------------------------------------------
 
-def _batch_key(samples: Sequence[Sample]) -> list[int]:
-    """A stable (process-independent) digest of the batch's sample identities."""
-    h = hashlib.blake2b(digest_size=16)
-    for s in samples:
-        if "id" in s:
-            h.update(b"i" + repr(s["id"]).encode())
-        else:
-            h.update(b"t" + np.asarray(s.get("input_ids", ()), dtype=np.int64).tobytes())
-            h.update(b"m" + repr(s.get("img_id", s.get("img_ids"))).encode())
-        h.update(b"|")
+def _sample_key(s: Sample) -> list[int]:
+    """A stable (process-independent) digest of one sample's identity (its "id", else
+    its text and image)."""
+    h = hashlib.blake2b(digest_size=16, person=b"vlfast-sample")
+    if "id" in s:
+        h.update(b"i" + repr(s["id"]).encode())
+    else:
+        h.update(b"t" + np.asarray(s.get("input_ids", ()), dtype=np.int64).tobytes())
+        h.update(b"m" + repr(s.get("img_id", s.get("img_ids"))).encode())
     d = h.digest()
     return [int.from_bytes(d[k:k + 4], "little") for k in range(0, 16, 4)]
 
@@ -830,9 +852,10 @@ class Collator:
     """A DataLoader ``collate_fn``: ``collator(samples) -> VLBatch`` for one task.
 
     The records and options are bound once; the image pool for negatives is the
-    records' keys, listed once.  Each batch's generator is
-    ``default_rng([seed, epoch, digest of the samples' ids])``, so masks and
-    negatives do not depend on the worker, the batch order or a resume.
+    records' keys, listed once.  Each sample's generator is
+    ``default_rng([seed, epoch, digest of the sample's id])`` (:meth:`sample_rngs`),
+    so its masks and negatives depend on neither the batch it is in, the worker,
+    the rank, the batch order nor a resume.
     ``set_epoch`` changes them per epoch (DataLoader workers copy the collator when
     an epoch's iterator starts, so call it before iterating; with
     ``persistent_workers`` the epoch stays the one the workers started with).
@@ -859,13 +882,15 @@ class Collator:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def rng(self, samples: Sequence[Sample]) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch] + _batch_key(samples))
+    def sample_rngs(self, samples: Sequence[Sample]) -> list[np.random.Generator]:
+        """One generator per sample (masks, ITM and retrieval negatives)."""
+        _check_samples(samples, f"Collator[{self.task}]")
+        return [np.random.default_rng([self.seed, self.epoch] + _sample_key(s)) for s in samples]
 
     def __call__(self, samples: Sequence[Sample]) -> VLBatch:
         t = self.task
         if t in PRETRAIN_TASKS:
-            return collate_pretrain(samples, t, self.records, rng=self.rng(samples), **self.options)
+            return collate_pretrain(samples, t, self.records, rng=self.sample_rngs(samples), **self.options)
         if t == "vqa":
             return collate_vqa(samples, self.records, **self.options)
         if t == "nlvr2":
@@ -876,7 +901,7 @@ class Collator:
             return collate_ref(samples, self.records, **self.options)
         if t == "grounding":
             return collate_grounding(samples, self.records, **self.options)
-        return collate_retrieval(samples, self.records, rng=self.rng(samples), **self.options)
+        return collate_retrieval(samples, self.records, rng=self.sample_rngs(samples), **self.options)
 
 
 _OPTIONS = {

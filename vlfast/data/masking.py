@@ -20,14 +20,17 @@ legacy "+1" width convention -- ``iou_offset=1.0`` on pixel boxes reproduces it 
 and applies the overlap set where it forms the global image feature; here the
 overlap set is part of the returned mask.)
 
-Randomness comes from a ``numpy.random.Generator`` in bulk draws per batch; the
-per-sample loops (the 80/10/10 decisions with the at-least-one rule, the IoU
+Randomness comes from a ``numpy.random.Generator`` in bulk draws per batch, or from
+one Generator per sample (a sequence of B Generators): then each sample's draws
+come from its own Generator, so a sample's mask does not depend on which batch or
+rank it lands in (the training collator does this; 2 ranks x B = 1 process x 2B).
+The per-sample loops (the 80/10/10 decisions with the at-least-one rule, the IoU
 expansion) run in numba ``@njit`` kernels, with a vectorized numpy path that gives
 identical results (``backend="numpy"``; "auto" uses numba when it is installed).
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -57,9 +60,37 @@ def _use_numba(backend: str, where: str) -> bool:
     return backend == "numba" or (backend == "auto" and HAVE_NUMBA)
 
 
-def _check_rng(rng: np.random.Generator, where: str) -> None:
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"{where}: rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+RngOrPerSample = Union[np.random.Generator, Sequence[np.random.Generator]]
+
+
+def _check_rng(rng: RngOrPerSample, where: str, n: Optional[int] = None) -> None:
+    """rng: one Generator, or (when ``n`` is given) a sequence of ``n`` Generators."""
+    if isinstance(rng, np.random.Generator):
+        return
+    if n is not None and isinstance(rng, (list, tuple)):
+        if len(rng) != n:
+            raise ValueError(f"{where}: rng: expected one Generator per sample ({n}), got {len(rng)}")
+        for b, g in enumerate(rng):
+            if not isinstance(g, np.random.Generator):
+                raise TypeError(f"{where}: rng[{b}]: expected a numpy.random.Generator, got {type(g).__name__}")
+        return
+    what = "a numpy.random.Generator" + (" or a list of one per sample" if n is not None else "")
+    raise TypeError(f"{where}: rng: expected {what}, got {type(rng).__name__}")
+
+
+def _draw(rng: RngOrPerSample, sizes: np.ndarray, second: "Callable[[np.random.Generator, int, int], np.ndarray]"
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(u (sum(sizes),) uniform, second draw (sum(sizes) or len(sizes),)): one bulk
+    draw each from a single Generator, or per sample, in order, from its own."""
+    if isinstance(rng, np.random.Generator):
+        return rng.random(int(sizes.sum())), second(rng, -1, int(sizes.sum()))
+    us, vs = [], []
+    for b, (g, n) in enumerate(zip(rng, sizes)):
+        us.append(g.random(int(n)))
+        vs.append(np.atleast_1d(second(g, b, int(n))))
+    if not us:
+        return np.zeros(0), np.zeros(0, np.int64)
+    return np.concatenate(us), np.concatenate(vs)
 
 
 def _check_prob(prob: float, where: str) -> float:
@@ -134,7 +165,7 @@ def _mask_text_numpy(ids, offsets, is_special, u, rand_words, prob, mask_id):
     return out_ids, out_labels, -1
 
 
-def mask_text_batch(seqs: Sequence[Sequence[int]], rng: np.random.Generator, vocab_range: tuple[int, int],
+def mask_text_batch(seqs: Sequence[Sequence[int]], rng: RngOrPerSample, vocab_range: tuple[int, int],
                     mask_id: int, special_ids: Iterable[int], prob: float = 0.15,
                     backend: str = "auto") -> list[tuple[np.ndarray, np.ndarray]]:
     """MLM masking of a batch of token id sequences (see the module docstring).
@@ -142,7 +173,8 @@ def mask_text_batch(seqs: Sequence[Sequence[int]], rng: np.random.Generator, voc
     Args:
         seqs: B sequences of token ids (list[int] or 1-d int arrays), specials included.
         rng: the numpy Generator every draw comes from (one ``random`` draw and one
-            ``integers`` draw over all tokens of the batch, in that order).
+            ``integers`` draw over all tokens of the batch, in that order), or B
+            Generators, one per sample (the same two draws over its own tokens).
         vocab_range: [lo, hi) of the ids a random replacement is drawn from.
         mask_id: the [MASK] id.  special_ids: ids never masked ([CLS], [SEP], [PAD], ...).
         prob: the masking probability.  backend: "auto" | "numba" | "numpy".
@@ -153,7 +185,7 @@ def mask_text_batch(seqs: Sequence[Sequence[int]], rng: np.random.Generator, voc
         one label; a sample without a maskable token is an error.
     """
     where = "mask_text_batch"
-    _check_rng(rng, where)
+    _check_rng(rng, where, len(seqs))
     p = _check_prob(prob, where)
     lo, hi = _check_vocab_range(vocab_range, where)
     arrays = [np.asarray(s) for s in seqs]
@@ -167,8 +199,7 @@ def mask_text_batch(seqs: Sequence[Sequence[int]], rng: np.random.Generator, voc
     ids = np.concatenate(arrays).astype(np.int64) if offsets[-1] else np.zeros(0, np.int64)
     specials = np.fromiter((int(x) for x in special_ids), dtype=np.int64)
     is_special = np.isin(ids, specials)
-    u = rng.random(ids.size)
-    rand_words = rng.integers(lo, hi, size=ids.size, dtype=np.int64)
+    u, rand_words = _draw(rng, np.diff(offsets), lambda g, b, n: g.integers(lo, hi, size=n, dtype=np.int64))
     if _use_numba(backend, where):
         out_ids = np.empty_like(ids)
         out_labels = np.empty_like(ids)
@@ -275,7 +306,7 @@ def _expand_overlap_numpy(picked, boxes, offsets, threshold, offset):
     return picked | hit[seg, col]
 
 
-def mask_regions_batch(num_boxes: Sequence[int], rng: np.random.Generator, prob: float = 0.15,
+def mask_regions_batch(num_boxes: Sequence[int], rng: RngOrPerSample, prob: float = 0.15,
                        boxes: Optional[Sequence[np.ndarray]] = None, iou_threshold: Optional[float] = None,
                        iou_offset: float = 0.0, backend: str = "auto") -> list[np.ndarray]:
     """Region masks for a batch of images (see the module docstring).
@@ -283,7 +314,8 @@ def mask_regions_batch(num_boxes: Sequence[int], rng: np.random.Generator, prob:
     Args:
         num_boxes: B region counts (each >= 1).
         rng: draws ``random(total)`` then ``integers(0, num_boxes)`` (one per image,
-            for the at-least-one rule; drawn whether needed or not).
+            for the at-least-one rule; drawn whether needed or not); or B
+            Generators, one per image (``random(N_b)`` then ``integers(0, N_b)``).
         prob: masking probability per region.
         boxes: B arrays (N_b, 4) [x1, y1, x2, y2]; needed with ``iou_threshold``.
         iou_threshold: ViLBERT's overlap rule (0.4 there): regions with IoU above it
@@ -294,7 +326,7 @@ def mask_regions_batch(num_boxes: Sequence[int], rng: np.random.Generator, prob:
     Returns B bool arrays (N_b,), each with at least one True.
     """
     where = "mask_regions_batch"
-    _check_rng(rng, where)
+    _check_rng(rng, where, len(num_boxes))
     p = _check_prob(prob, where)
     nb = np.asarray(num_boxes, dtype=np.int64).reshape(-1)
     if nb.size and nb.min() < 1:
@@ -303,8 +335,7 @@ def mask_regions_batch(num_boxes: Sequence[int], rng: np.random.Generator, prob:
     if nb.size == 0:
         return []
     offsets = _offsets(nb)
-    u = rng.random(int(offsets[-1]))
-    pick_one = rng.integers(0, nb)
+    u, pick_one = _draw(rng, nb, lambda g, b, n: g.integers(0, nb if b < 0 else n))
     picked = u < p
     n_picked = np.add.reduceat(picked.astype(np.int64), offsets[:-1])
     none = np.flatnonzero(n_picked == 0)
