@@ -86,6 +86,9 @@ class DataSection:
     ``batch_size``: samples per micro-batch per rank; ``batch_tokens``: when > 0, a
     token budget per micro-batch per rank (UNITER's token-bucket sampler) instead of
     a sample count; ``eval_batch_size``; ``num_workers``: DataLoader workers;
+    ``on_bad_record``: a feature record that is missing, undecodable or malformed
+    (NaN/inf, fewer rows than its num_bb) stops the run naming it (``error``), or its
+    samples are dropped from their batch, each record logged and counted (``skip``);
     ``options``: reader/generator specific settings."""
     source: str = "synthetic"
     path: Optional[str] = None
@@ -93,6 +96,7 @@ class DataSection:
     batch_tokens: int = 0
     eval_batch_size: int = 64
     num_workers: int = 0
+    on_bad_record: str = "error"
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -251,6 +255,7 @@ class TrainConfig:
         need(d.batch_tokens >= 0, "data.batch_tokens", "an int >= 0", d.batch_tokens)
         need(d.eval_batch_size >= 1, "data.eval_batch_size", "an int >= 1", d.eval_batch_size)
         need(d.num_workers >= 0, "data.num_workers", "an int >= 0", d.num_workers)
+        need(d.on_bad_record in ("error", "skip"), "data.on_bad_record", "'error' or 'skip'", d.on_bad_record)
         o = self.optim
         need(o.lr > 0, "optim.lr", "a float > 0", o.lr)
         need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

@@ -294,3 +294,68 @@ def test_malformed_inputs_name_what_is_wrong(what, call, message):
 
     with pytest.raises((ValueError, TypeError), match=message):
         call(ops)
+
+
+# ----------------------------------------------------------------------------------
+# data.on_bad_record: error | skip, on a real feature store
+# ----------------------------------------------------------------------------------
+
+_SMALL = ["data.options.n_images=60", "data.batch_size=4", "data.eval_batch_size=16", "logging.every=1",
+          "logging.progress=off", "checkpoint.every=0", "device=cpu", "logging.tensorboard=null",
+          "model.config.hidden_size=32", "model.config.num_hidden_layers=1", "model.config.intermediate_size=64",
+          "optim.lr_multipliers={}", "optim.total_steps=4"]
+
+
+def _store_with_a_nan_record(tmp_path):
+    """A UNITER LMDB of 30 synthetic images, one of them ('poisoned') with a NaN
+    feature, and a text DB whose captions 0-2 read it."""
+    import numpy as np
+
+    from vlfast.data.batch import ImageRecord
+    from vlfast.data.readers import write_uniter_lmdb
+    from vlfast.data.textdb import write_txt_db
+    from vlfast.training.jobs import SyntheticSource
+
+    src = SyntheticSource(load_config("default_pretrain", _SMALL).data.options)
+    ids = list(src.records.keys())[:30]
+    recs = [src.records[i] for i in ids]
+    n = int(min(r.num_boxes for r in recs))
+    feats = recs[0].features.copy()
+    feats[0, 1] = np.nan
+    recs[0] = ImageRecord(img_id="poisoned", features=feats, boxes=recs[0].boxes, conf=recs[0].conf,
+                          soft_labels=recs[0].soft_labels, width=recs[0].width, height=recs[0].height)
+    write_uniter_lmdb(tmp_path / "img_db", recs, conf_th=-1, num_bb=n)
+    tok = src.tokenizer
+    names = ["poisoned"] + ids[1:]
+    examples = {str(k): {"input_ids": tok.encode(f"a scene number {k % 5}")[1:-1], "img_fname": names[k % 30]}
+                for k in range(60)}
+    write_txt_db(tmp_path / "txt_db", examples, meta={"v_range": [5, tok.vocab_size]})
+    tok.save(tmp_path / "tok")
+    return _SMALL + ["data.source=uniter", f"data.path={tmp_path / 'img_db'}", "tasks={mlm: 1.0, mrfr: 1.0}",
+                     f"data.options={{txt_db: {tmp_path / 'txt_db'}, val_txt_db: {tmp_path / 'txt_db'}, "
+                     f"vocab: {tmp_path / 'tok' / 'vocab.txt'}, num_region_classes: {src.num_region_classes}}}"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_on_bad_record_error_names_it_and_skip_drops_logs_and_counts_it(tmp_path, capfd, workers):
+    """data.on_bad_record=error (the default) stops at the NaN record naming store, key
+    and field; =skip drops the samples that read it from their batches (train and
+    evaluation), logs the record once with the count, and trains to the end."""
+    from vlfast.training.jobs import VLJob
+
+    over = _store_with_a_nan_record(tmp_path) + [f"data.num_workers={workers}"]
+    cfg = load_config("default_pretrain", over)
+    with pytest.raises(KeyError, match=r"record .poisoned.: field .features.: finite values expected"):
+        train(VLJob(cfg), cfg, tmp_path / "err")
+    cfg = load_config("default_pretrain", over + ["data.on_bad_record=skip"])
+    job = VLJob(cfg)
+    capfd.readouterr()
+    res = train(job, cfg, tmp_path / "skip")
+    err = capfd.readouterr().err
+    assert res.step == 4 and math.isfinite(res.last_train["loss"]) and math.isfinite(res.last_eval["loss"])
+    assert [(Path(p).parent, k) for p, k in job.bad_records] == [(tmp_path / "img_db", "poisoned")]
+    assert job.skipped_samples >= 3  # the evaluation alone drops captions 0, 30 (and any training sample)
+    lines = [l for l in err.splitlines() if "data.on_bad_record=skip" in l]
+    assert len(lines) == 1 and "record 'poisoned'" in lines[0] and "(1 bad record(s) so far)" in lines[0], err
+    with pytest.raises(Exception, match=r"config key 'data.on_bad_record': expected 'error' or 'skip', got 'drop'"):
+        load_config("default_pretrain", over + ["data.on_bad_record=drop"])

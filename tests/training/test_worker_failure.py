@@ -128,7 +128,8 @@ class _SleepyCollate:
 
 
 def test_loader_kills_stuck_workers_after_the_grace():
-    fake = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(num_workers=2), device="cpu"))
+    fake = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(num_workers=2, on_bad_record="error"), device="cpu"),
+                           _unwrap=lambda b: b)
     items, batches = list(range(12)), [[i] for i in range(12)]
     # a loader run to its end: torch stops the workers, nothing waits for the grace
     t0 = time.monotonic()
