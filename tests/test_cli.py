@@ -351,3 +351,22 @@ def test_a_failure_while_training_keeps_its_traceback_and_exits_1(tmp_path, caps
     assert code == 1
     assert "Traceback (most recent call last)" in err and "a bug in the loop" in err
     assert err.strip().splitlines()[-1] == "vlfast.train: failed: ValueError: a bug in the loop"
+
+
+def test_a_worker_error_is_summed_up_by_its_own_message():
+    """An exception raised in a DataLoader worker comes back as "Caught KeyError in
+    DataLoader worker process 0." plus the worker's traceback; the one-line summary is
+    the worker's own message (it used to be the "Caught ..." line)."""
+    from torch._utils import ExceptionWrapper
+
+    from vlfast.train import one_line
+
+    try:
+        try:
+            raise KeyError("collate_pretrain[itm]: image record 'img7': field 'features': finite values expected")
+        except KeyError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+    except KeyError as e:
+        assert str(e).startswith('Caught KeyError in DataLoader worker process 0.')
+        assert one_line(e, first=True) == ("collate_pretrain[itm]: image record 'img7': field 'features': "
+                                           "finite values expected")

@@ -76,6 +76,11 @@ def one_line(e: BaseException, first: bool = False) -> str:
     else:
         msg = str(e)
     lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    if first and len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        # a DataLoader worker's exception, re-raised with the worker's traceback: its own
+        # message is the traceback's last line ("KeyError: ..."), not "Caught ... in worker"
+        last = lines[-1]
+        return last.split(": ", 1)[1].strip("\"'") if last.startswith(type(e).__name__ + ": ") else last
     return (lines[0] if first else "; ".join(lines)) if lines else type(e).__name__
 
 
