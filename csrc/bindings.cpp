@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_info.h"
 #include "dropout/keep_mask.h"
 #include "dropout/philox.cuh"
 #include "ot/ot.h"
@@ -114,6 +115,36 @@ PYBIND11_MODULE(_C, m) {
       "True when this module was compiled with its CUDA kernels (nvcc at build time).");
 
   m.def(
+      "cuda_runtime_version", []() { return vlfast::cuda_runtime_version_built(); },
+      "CUDART_VERSION of the CUDA runtime compiled into this module (1000 * major + 10 * minor, e.g. 13000); "
+      "0 when it was built without CUDA.");
+
+  m.def(
+      "cuda_driver_version",
+      []() {
+        py::gil_scoped_release release;
+        return vlfast::cuda_driver_version();
+      },
+      "The newest CUDA version the installed NVIDIA driver supports (cudaDriverGetVersion; cuDriverGetVersion of "
+      "a dlopen'd libcuda in a build without CUDA), 1000 * major + 10 * minor (e.g. 12020); 0 when no driver is "
+      "installed. Creates no CUDA context. Raises RuntimeError when the query fails.");
+
+  m.def(
+      "nvidia_driver_release",
+      []() -> py::object {
+        std::string release, source;
+        bool found = false;
+        {
+          py::gil_scoped_release unlocked;
+          found = vlfast::nvidia_driver_release(&release, &source);
+        }
+        if (!found) return py::none();
+        return py::make_tuple(release, source);
+      },
+      "(release, source) of the NVIDIA kernel driver, e.g. ('535.104.05', '/proc/driver/nvidia/version'), read "
+      "from /proc/driver/nvidia/version or else from NVML (dlopen'd, source 'nvml'); None when neither has it.");
+
+  m.def(
       "build_info",
       []() {
         py::dict d;
@@ -131,12 +162,14 @@ PYBIND11_MODULE(_C, m) {
         d["cuda"] = true;
         const int v = vlfast::cuda_runtime_version_compiled();
         d["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+        d["cuda_runtime_version"] = v;
         d["cuda_compiler_version"] = std::string(VLFAST_CUDA_COMPILER_VERSION);
         d["cuda_archs"] = std::string(VLFAST_CUDA_ARCHS_STR);
         d["cuda_runtime"] = std::string("static");
 #else
         d["cuda"] = false;
         d["cuda_version"] = py::none();
+        d["cuda_runtime_version"] = 0;
         d["cuda_compiler_version"] = py::none();
         d["cuda_archs"] = py::none();
         d["cuda_runtime"] = py::none();
@@ -144,7 +177,7 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "How this module was built: compiler, cxx_standard, openmp, build_type, pybind11, cuda, cuda_version, "
-      "cuda_compiler_version, cuda_archs, cuda_runtime.");
+      "cuda_runtime_version (CUDART_VERSION, 0 without CUDA), cuda_compiler_version, cuda_archs, cuda_runtime.");
 
   m.def(
       "keep_mask_cpu",

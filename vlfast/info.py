@@ -24,6 +24,47 @@ def _facts(op: str, device_type: str) -> dict[str, Any]:
     return _FACTS.get(op, {})
 
 
+def _cuda_driver(dispatch: Any) -> dict[str, Any]:
+    """The CUDA runtime of vlfast._C against the driver (``_dispatch.cuda_driver_check``)."""
+    check = dispatch.cuda_driver_check()
+    return {"runtime_version": check.runtime_version, "driver_version": check.driver_version,
+            "driver_release": check.driver_release, "driver_release_source": check.driver_release_source,
+            "problem": check.problem}
+
+
+def _cuda_driver_lines(d: dict[str, Any]) -> list[str]:
+    """The report's lines on the CUDA runtime and the driver, in plain words."""
+    rt, dv, rel = d["runtime_version"], d["driver_version"], d["driver_release"]
+    if rt is None:
+        return ["  CUDA runtime of vlfast._C: unknown"]
+    if rt == 0:
+        return ["  CUDA runtime of vlfast._C: none (built without CUDA)"]
+    lines = [f"  CUDA runtime of vlfast._C: {rt // 1000}.{(rt % 1000) // 10} (CUDART_VERSION {rt}, static)"]
+    if rel is not None:
+        driver = f"{rel} (from {d['driver_release_source']})"
+    elif dv == 0:
+        driver = "none found"
+    else:
+        driver = "release unknown"
+    if dv is None:
+        driver += "; supported CUDA version unknown (this vlfast._C cannot ask: reinstall with `pip install .`)"
+    elif dv > 0:
+        driver += f"; supports CUDA {dv // 1000}.{(dv % 1000) // 10} (cudaDriverGetVersion {dv})"
+    else:
+        driver += " (cudaDriverGetVersion reports 0)"
+    lines.append(f"  NVIDIA driver: {driver}")
+    if d["problem"]:
+        verdict = "cannot run -- " + d["problem"]
+    elif dv:
+        verdict = "can run"
+    elif rel is not None:
+        verdict = "can run (judged from the driver release)"
+    else:
+        verdict = "not checked (the driver's CUDA version is unknown)"
+    lines.append("  CUDA kernels of vlfast._C: " + verdict)
+    return lines
+
+
 def collect() -> dict[str, Any]:
     """Everything the report shows, as plain data."""
     import torch
@@ -52,6 +93,7 @@ def collect() -> dict[str, Any]:
                                    for k, v in dict(mod.build_info()).items()}
         except Exception as e:  # noqa: BLE001
             build["build_info"] = f"unavailable ({e})"
+    build["cuda_driver"] = _cuda_driver(_dispatch)
     info["build"] = build
     info["triton"] = {"importable": tmod is not None, "error": twhy, "interpreter": _dispatch.triton_interpret()}
 
@@ -89,6 +131,7 @@ def render(info: dict[str, Any]) -> str:
         if isinstance(bi, dict):
             for k in sorted(bi):
                 lines.append(f"    {k}: {bi[k]}")
+        lines += _cuda_driver_lines(b["cuda_driver"])
     else:
         lines.append(f"  vlfast._C: MISSING -- {b['cpp_error']}")
     t = info["triton"]
