@@ -407,10 +407,9 @@ class TaskHead(nn.Module):
         return self.backbone.config
 
     def _encode(self, batch: VLBatch, **extra: Any) -> Any:
-        kw = batch.model_inputs(self.backbone, **extra)
-        if self.padding_free:
-            kw["padding_free"] = True
-        return self.backbone(**kw)
+        if self.padding_free:   # through model_inputs, so it passes the batch's packing metadata too
+            extra["padding_free"] = True
+        return self.backbone(**batch.model_inputs(self.backbone, **extra))
 
     def head_modules(self) -> list[nn.Module]:
         return [m for n, m in self.named_children() if n != "backbone"]

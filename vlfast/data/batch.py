@@ -5,7 +5,11 @@
   bottom-up-attention tsv, npz folder) and the synthetic world produce these.
 * :class:`VLBatch` -- a collated, padded batch of B samples; ``model_inputs(model)``
   turns it into the keyword arguments of any of the four models (each wants its own
-  box format), and ``targets`` carries what the objectives and tasks need.
+  box format), and ``targets`` carries what the objectives and tasks need.  It also
+  carries the packing metadata of the padding-free path (``packing``, a
+  :class:`~vlfast.models.packing.VLPacking` the collator computes on the host), which
+  ``model_inputs(model, padding_free=True)`` passes, so the model's forward and
+  backward never wait on the device to learn where the real tokens are.
 
 Boxes are stored once, normalised to the image: ``(N, 4)`` ``[x1, y1, x2, y2]`` in
 [0, 1].  :func:`box_features` derives the model formats: UNITER's 7-d
@@ -20,6 +24,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import Tensor
+
+from vlfast.models.packing import VLPacking
 
 
 @dataclass
@@ -107,6 +113,14 @@ class VLBatch:
       (index of the referred region); ``pair_index`` (B',) long when a sample spans
       several image-text pairs (NLVR2's two images, VCR's choices).
     ``meta``: non-tensor per-sample data (ids for prediction files).
+
+    ``packing``: the :class:`~vlfast.models.packing.VLPacking` of ``attention_mask`` and
+    ``visual_mask`` (text, visual and joint layouts: flat indices, cu_seqlens and the
+    host ints max_seqlen / total), computed on the host by the collator or, lazily, by
+    :meth:`current_packing` while the masks are on the CPU; :meth:`to` moves it with
+    the batch.  It is used only while it describes this batch's very mask tensors
+    (a batch rebuilt with other masks recomputes it on the CPU, or leaves the model to
+    pack from the masks); it is not a field the losses read.
     """
     input_ids: Tensor
     attention_mask: Tensor
@@ -118,6 +132,7 @@ class VLBatch:
     soft_labels: Optional[Tensor] = None
     targets: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    packing: Optional[VLPacking] = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -125,16 +140,48 @@ class VLBatch:
 
     @property
     def num_real_tokens(self) -> int:
-        """Real words + real regions (the unit of tokens/s)."""
+        """Real words + real regions (the unit of tokens/s): the packing's host int when
+        the batch has its packing metadata (no device read), else counted from the masks."""
+        p = self.current_packing()
+        if p is not None:
+            return p.joint.total
         return int(self.attention_mask.sum()) + int(self.visual_mask.sum())
 
+    def current_packing(self) -> Optional[VLPacking]:
+        """The :class:`VLPacking` of this batch's masks, or None when none is at hand.
+
+        ``self.packing`` when it describes these very mask tensors; else, while the
+        masks are on the CPU, the packing rebound to them (same values, e.g. pinned
+        copies) or computed from them on the host (numpy; cached in ``self.packing``);
+        else (device masks it does not describe) None -- the model then packs from the
+        masks itself, with a host sync.  Never reads a device value."""
+        am, vm = self.attention_mask, self.visual_mask
+        p = self.packing
+        if p is not None and p.describes(am, vm):
+            return p
+        if am.device.type != "cpu" or vm.device.type != "cpu":
+            return None
+        if p is not None and p.matches_host(am, vm):
+            p = p.bound_to(am, vm)
+        else:
+            p = VLPacking.from_masks(am, vm)
+        self.packing = p
+        return p
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "VLBatch":
+        """The batch on ``device``; its packing metadata (computed first, on the CPU,
+        when the batch is there) travels with it."""
+        p = self.current_packing()
+
         def mv(x):
             return x.to(device, non_blocking=non_blocking) if isinstance(x, Tensor) else x
-        return dataclasses.replace(
+        out = dataclasses.replace(
             self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)
-                     if f.name not in ("targets", "meta")},
-            targets={k: mv(v) for k, v in self.targets.items()}, meta=dict(self.meta))
+                     if f.name not in ("targets", "meta", "packing")},
+            targets={k: mv(v) for k, v in self.targets.items()}, meta=dict(self.meta), packing=None)
+        if p is not None:
+            out.packing = p.to(device, non_blocking, source=(out.attention_mask, out.visual_mask))
+        return out
 
     def with_images_shuffled(self, shift: int = 1) -> "VLBatch":
         """The same texts paired with other samples' images: every image-side tensor
@@ -156,15 +203,27 @@ class VLBatch:
 
         def roll(x: Optional[Tensor]) -> Optional[Tensor]:
             return None if x is None else x.roll(shift, 0)
-        return dataclasses.replace(self, visual_feats=roll(self.visual_feats), boxes=roll(self.boxes),
-                                   visual_mask=roll(self.visual_mask), image_size=roll(self.image_size),
-                                   soft_labels=roll(self.soft_labels), targets=dict(self.targets),
-                                   meta=dict(self.meta))
+        out = dataclasses.replace(self, visual_feats=roll(self.visual_feats), boxes=roll(self.boxes),
+                                  visual_mask=roll(self.visual_mask), image_size=roll(self.image_size),
+                                  soft_labels=roll(self.soft_labels), targets=dict(self.targets),
+                                  meta=dict(self.meta), packing=None)
+        # the packing of the rolled masks, from the host copies of the masks (no device read)
+        p = self.current_packing()
+        if p is not None and p.host_masks is not None:
+            t, v = p.host_masks
+            rolled = VLPacking.from_masks(t, np.roll(v, shift, 0))
+            out.packing = rolled.to(out.visual_mask.device, non_blocking=out.visual_mask.device.type == "cuda",
+                                    source=(out.attention_mask, out.visual_mask))
+        return out
 
     def model_inputs(self, model: Any, **extra: Any) -> dict[str, Any]:
         """Keyword arguments of ``model``'s forward (any of the four models), with the
         model's box format; ``extra`` is merged in (e.g. padding_free=True).  UNITER and
-        VL-BERT also get ``targets["img_masks"]`` (the masked regions) when the batch has it."""
+        VL-BERT also get ``targets["img_masks"]`` (the masked regions) when the batch has it.
+        With ``padding_free=True`` every model also gets ``packing`` (the batch's
+        :class:`VLPacking`, see :meth:`current_packing`) when there is one, so its
+        padding-free forward and backward never wait on the device; an explicit
+        ``packing`` in ``extra`` wins."""
         kind = _model_kind(model)
         kw: dict[str, Any] = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
                                   token_type_ids=self.token_type_ids, visual_feats=self.visual_feats,
@@ -180,5 +239,9 @@ class VLBatch:
             kw["image_size"] = self.image_size
             if "img_masks" in self.targets:     # masked RoIs (MVRC): the official mask rows
                 kw["img_masks"] = self.targets["img_masks"]
+        if extra.get("padding_free") and "packing" not in extra:
+            p = self.current_packing()
+            if p is not None:
+                kw["packing"] = p
         kw.update(extra)
         return kw

@@ -64,7 +64,10 @@ worker, rank or resume point, so 2 ranks x B draw what 1 process x 2B draws.
 
 Packing helpers for the padding-free path: :func:`pack_offsets` (cu_seqlens),
 :func:`packed_index` and :func:`joint_packed_index` (flat positions of the real
-tokens, the layout ``Packed.from_mask`` builds), with a numba kernel.
+tokens, the layout ``Packed.from_mask`` builds), with a numba kernel, and
+:func:`batch_packing`, which every collator runs on the host to fill
+``VLBatch.packing`` (the models' ``packing=`` metadata: no host sync on the
+padding-free forward).
 """
 from __future__ import annotations
 
@@ -78,11 +81,12 @@ from torch import Tensor
 
 from vlfast.data.batch import ImageRecord, VLBatch
 from vlfast.data.masking import (IGNORE_INDEX, _njit, _use_numba, mask_regions_batch, mask_text_batch)
+from vlfast.models.packing import PackedLayout, VLPacking
 
 __all__ = ["PRETRAIN_TASKS", "FINETUNE_TASKS", "Collator", "make_collator", "collate_pretrain", "collate_vqa",
            "collate_nlvr2", "collate_mc", "vcr_samples", "VCR_MODES", "VCR_TYPE_IDS", "collate_ref", "collate_retrieval",
            "collate_grounding", "grounding_region_targets", "vqa_answer_score", "pack_offsets", "packed_index",
-           "joint_packed_index"]
+           "joint_packed_index", "batch_packing"]
 
 TEXT_TASKS = ("mlm",)
 REGION_TASKS = ("mrfr", "mrc", "mrc-kl", "mrc-vlbert", "mrm-vilbert")
@@ -218,11 +222,18 @@ class _Images:
 def _batch(text_rows: Sequence[tuple[list[int], list[int]]], imgs: _Images, pad_id: int,
            targets: dict[str, Tensor], meta: dict[str, Any]) -> VLBatch:
     ids, amask, types = _pad_text(text_rows, pad_id)
-    return VLBatch(input_ids=ids, attention_mask=amask, token_type_ids=types,
-                   visual_feats=torch.from_numpy(imgs.feats), boxes=torch.from_numpy(imgs.boxes),
-                   visual_mask=torch.from_numpy(imgs.mask), image_size=torch.from_numpy(imgs.size),
-                   soft_labels=None if imgs.soft is None else torch.from_numpy(imgs.soft),
-                   targets=targets, meta=meta)
+    batch = VLBatch(input_ids=ids, attention_mask=amask, token_type_ids=types,
+                    visual_feats=torch.from_numpy(imgs.feats), boxes=torch.from_numpy(imgs.boxes),
+                    visual_mask=torch.from_numpy(imgs.mask), image_size=torch.from_numpy(imgs.size),
+                    soft_labels=None if imgs.soft is None else torch.from_numpy(imgs.soft),
+                    targets=targets, meta=meta)
+    # the padding-free path's metadata, here on the host where the lengths are known
+    # (rows are left-aligned: text_rows' lengths, imgs.num_boxes)
+    txt_lens = np.array([len(r[0]) for r in text_rows], dtype=np.int64)
+    packing = batch_packing(txt_lens, imgs.num_boxes, ids.shape[1], imgs.mask.shape[1],
+                            masks=(amask.numpy().copy(), imgs.mask.copy()))
+    batch.packing = packing.bound_to(batch.attention_mask, batch.visual_mask)
+    return batch
 
 
 def _images(records: Mapping[str, ImageRecord], img_ids: Sequence[Any], where: str,
@@ -1004,3 +1015,30 @@ def joint_packed_index(txt_lens: Any, num_boxes: Any, max_txt: int, max_boxes: i
     if a.size != b.size:
         raise ValueError(f"joint_packed_index: num_boxes: expected {a.size} entries (as txt_lens), got {b.size}")
     return _packed(a, int(max_txt), b, int(max_boxes), backend, "joint_packed_index")
+
+
+def batch_packing(txt_lens: Any, num_boxes: Any, max_txt: int, max_boxes: int, backend: str = "auto", *,
+                  masks: Optional[tuple[np.ndarray, np.ndarray]] = None) -> VLPacking:
+    """The :class:`~vlfast.models.packing.VLPacking` of a batch of left-aligned rows,
+    on the host: ``text`` (B, max_txt) and ``visual`` (B, max_boxes) layouts
+    (:func:`packed_index`, :func:`pack_offsets`), and ``joint`` (each sample's words
+    then its regions: :func:`joint_packed_index`), with their host ints (max_seqlen,
+    total).  ``txt_lens``, ``num_boxes``: (B,) lengths.  ``masks``: the (B, max_txt)
+    and (B, max_boxes) bool masks when the caller has them (else they are derived from
+    the lengths); the packing keeps them as its host copies."""
+    t = _lengths(txt_lens, "batch_packing")
+    v = _lengths(num_boxes, "batch_packing")
+    if t.size != v.size:
+        raise ValueError(f"batch_packing: num_boxes: expected {t.size} entries (as txt_lens), got {v.size}")
+    max_txt, max_boxes = int(max_txt), int(max_boxes)
+
+    def longest(a: np.ndarray) -> int:
+        return int(a.max()) if a.size else 0
+    text = PackedLayout(packed_index(t, max_txt, backend), pack_offsets(t), longest(t), max_txt)
+    visual = PackedLayout(packed_index(v, max_boxes, backend), pack_offsets(v), longest(v), max_boxes)
+    joint = PackedLayout(joint_packed_index(t, v, max_txt, max_boxes, backend), pack_offsets(t + v), longest(t + v),
+                         max_txt + max_boxes)
+    if masks is None:
+        masks = (np.arange(max_txt)[None, :] < t[:, None], np.arange(max_boxes)[None, :] < v[:, None])
+    return VLPacking(text, visual, joint, host_masks=(np.asarray(masks[0], dtype=bool),
+                                                      np.asarray(masks[1], dtype=bool)))

@@ -8,7 +8,12 @@ Shapes: B batch, L length, E hidden, H heads, D = E / H.  Masks inside the layer
 bool (B, L), True = real token.  A layer runs either padded (``mask`` given, attention
 through ``vlfast.ops.attention`` with a key mask) or packed (``packed`` given: the
 real tokens of the batch as (total, E) with ``cu_seqlens``, attention through
-``vlfast.ops.varlen_attention``): both give the same outputs on real tokens.
+``vlfast.ops.varlen_attention``): both give the same outputs on real tokens.  The
+packing comes from the caller's metadata (a ``VLPacking``, see models/packing.py) when
+it has one -- then the padding-free forward and backward never wait on the device --
+else from the mask (``Packed.from_mask``, two host syncs on a GPU).  Input checks that
+read tensor values (:func:`value_checks`) run on CPU always, on CUDA only with
+``VLFAST_CHECK=1``.
 
 The embedding sum + LayerNorm + dropout (``ops.text_embeddings``), bias + GELU
 (``ops.bias_gelu``) and dropout + residual + LayerNorm (``ops.dropout_add_layer_norm``)
@@ -18,7 +23,6 @@ HF names; on CPU (the reference backend) they are the same torch ops as before.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -26,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlfast import ops
+from vlfast.kernels import _common as C
 from vlfast.kernels.attention import reference as attn_ref
+from vlfast.models.packing import Packed, PackedLayout, VLPacking  # noqa: F401  (Packed's old home: re-exported)
 
 
 # ----------------------------------------------------------------------------------
@@ -83,7 +89,9 @@ def fail(model: str, arg: str, expected: str, got: object) -> None:
 def as_bool_mask(model: str, name: str, mask: Optional[Tensor], shape: tuple[int, int],
                  device: torch.device) -> Tensor:
     """A (B, L) mask as bool: accepts bool or 0/1 integer tensors (HF's convention),
-    None = all real.  Errors name the argument."""
+    None = all real.  Errors name the argument.  That an integer mask holds only 0/1
+    is a value check (:func:`value_checks`): on CUDA without ``VLFAST_CHECK=1`` any
+    nonzero value counts as real."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool, device=device)
     if not isinstance(mask, Tensor):
@@ -94,7 +102,7 @@ def as_bool_mask(model: str, name: str, mask: Optional[Tensor], shape: tuple[int
         return mask.to(device)
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         fail(model, name, "a bool or 0/1 integer mask", str(mask.dtype).replace("torch.", ""))
-    if bool(((mask != 0) & (mask != 1)).any()):
+    if value_checks(mask) and bool(((mask != 0) & (mask != 1)).any()):
         fail(model, name, "values 0/1 (1 = real)", f"values {sorted(set(mask.unique().tolist()))[:6]}")
     return (mask != 0).to(device)
 
@@ -113,8 +121,18 @@ def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.reshape(mask.shape + (1,) * (x.dim() - mask.dim())), x, 0)
 
 
+def value_checks(t: Tensor) -> bool:
+    """Whether the input checks that read tensor values run for ``t``: on CPU always,
+    on CUDA only with ``VLFAST_CHECK=1`` -- reading a value back waits on the device,
+    and the padding-free forward and backward must never do that (the ops' own value
+    checks follow the same rule: ``vlfast.kernels._common.value_checks_enabled``)."""
+    return C.value_checks_enabled(t)
+
+
 def check_ids(model: str, name: str, ids: Optional[Tensor], shape: Optional[tuple[int, int]] = None,
               upper: Optional[int] = None) -> Optional[Tensor]:
+    """A (B, L) integer id tensor (or None): type, dtype and ``shape`` always; values
+    in [0, ``upper``) where :func:`value_checks` run.  Errors name the argument."""
     if ids is None:
         return None
     if not isinstance(ids, Tensor) or ids.dim() != 2:
@@ -124,7 +142,8 @@ def check_ids(model: str, name: str, ids: Optional[Tensor], shape: Optional[tupl
         fail(model, name, "an integer tensor", str(ids.dtype).replace("torch.", ""))
     if shape is not None and tuple(ids.shape) != tuple(shape):
         fail(model, name, f"shape {tuple(shape)}", f"shape {tuple(ids.shape)}")
-    if upper is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= upper):
+    if upper is not None and ids.numel() and value_checks(ids) and (int(ids.min()) < 0
+                                                                    or int(ids.max()) >= upper):
         fail(model, name, f"values in [0, {upper})", f"values in [{int(ids.min())}, {int(ids.max())}]")
     return ids
 
@@ -146,37 +165,23 @@ def check_feats(model: str, name: str, t: Optional[Tensor], batch: int, last: in
 
 
 # ----------------------------------------------------------------------------------
-# Packing for the padding-free path
+# Packing for the padding-free path (Packed, PackedLayout, VLPacking: models/packing.py)
 # ----------------------------------------------------------------------------------
 
-@dataclass
-class Packed:
-    """The real tokens of a batch, packed: index (total,) flat positions into B*L,
-    cu_seqlens (B+1,) int32, max_seqlen, and the (B, L) mask they came from."""
-    index: Tensor
-    cu_seqlens: Tensor
-    max_seqlen: int
-    mask: Tensor
-
-    @classmethod
-    def from_mask(cls, mask: Tensor) -> "Packed":
-        lens = mask.sum(1)
-        cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
-        cu[1:] = lens.cumsum(0)
-        # real tokens in row order (masks with holes are fine: the order is kept)
-        index = mask.flatten().nonzero().squeeze(1)
-        return cls(index, cu, int(lens.max()) if lens.numel() else 0, mask)
-
-    def pack(self, x: Tensor) -> Tensor:
-        """(B, L, ...) -> (total, ...)."""
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def unpack(self, x: Tensor) -> Tensor:
-        """(total, ...) -> (B, L, ...) with zeros at padding."""
-        B, L = self.mask.shape
-        out = x.new_zeros((B * L,) + tuple(x.shape[1:]))
-        out.index_copy_(0, self.index, x)
-        return out.view((B, L) + tuple(x.shape[1:]))
+def bind_packing(model: str, packing: Optional[VLPacking], which: str, mask: Tensor, *, before: int = 0,
+                 after: int = 0) -> Optional[Packed]:
+    """The :class:`Packed` of the encoder mask ``mask`` (B, L) from the caller's
+    ``packing`` (a :class:`VLPacking`; ``which`` = "text", "visual" or "joint"),
+    with ``before`` / ``after`` real columns added to every row (ViLBERT's task token,
+    VL-BERT's [END] slot) by :meth:`PackedLayout.extended` -- no host sync.  None when
+    ``packing`` is None (the encoder then packs from the mask, with a sync).  Errors
+    name ``packing.<which>``."""
+    if packing is None:
+        return None
+    if not isinstance(packing, VLPacking):
+        fail(model, "packing", "a VLPacking (VLBatch.model_inputs passes one) or None", type(packing).__name__)
+    layout = getattr(packing, which).extended(before, after)
+    return Packed.from_layout(layout, mask, where=model, arg=f"packing.{which}")
 
 
 # ----------------------------------------------------------------------------------
@@ -330,15 +335,25 @@ class BertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: Tensor, mask: Tensor, *, padding_free: bool = False, output_attentions: bool = False,
-                output_hidden_states: bool = False) -> tuple[Tensor, Optional[list[Tensor]], Optional[list[Tensor]]]:
+                output_hidden_states: bool = False, packed: Optional[Packed] = None
+                ) -> tuple[Tensor, Optional[list[Tensor]], Optional[list[Tensor]]]:
         """x (B,L,E), mask (B,L) bool.  Returns (B,L,E) with padding zeroed, and the
         per-layer hidden states / attention maps when asked (padded path only for
-        attention maps)."""
+        attention maps).
+
+        padding_free: run the layers on the packed real tokens.  ``packed``: the
+        packing of ``mask`` computed by the caller (``bind_packing``), so the forward
+        and backward never wait on the device; None: derived from the mask
+        (``Packed.from_mask``: two host syncs on a GPU)."""
         states: Optional[list[Tensor]] = [] if output_hidden_states else None
         attns: Optional[list[Tensor]] = [] if output_attentions else None
         ck = self.gradient_checkpointing and self.training
         if padding_free and not output_attentions:
-            packed = Packed.from_mask(mask)
+            if packed is None:
+                packed = Packed.from_mask(mask)
+            elif tuple(packed.mask.shape) != tuple(mask.shape):
+                fail("BertEncoder", "packed", f"the packing of a {tuple(mask.shape)} mask",
+                     f"one of a {tuple(packed.mask.shape)} mask")
             h = packed.pack(x)
             if states is not None:
                 states.append(packed.unpack(h))

@@ -39,7 +39,8 @@ from vlfast import ops
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
                                 load_hf_bert, load_state_dict_file, load_with_report)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput, as_bool_mask,
-                                  check_feats, check_ids, fail, init_bert_weights, zero_padding)
+                                  bind_packing, check_feats, check_ids, fail, init_bert_weights, zero_padding)
+from vlfast.models.packing import VLPacking
 
 _NAME = "Uniter"
 logger = logging.getLogger(__name__)
@@ -228,7 +229,8 @@ class Uniter(PretrainedModel):
                 visual_boxes: Optional[Tensor] = None, visual_mask: Optional[Tensor] = None,
                 visual_token_type_ids: Optional[Tensor] = None, image_text_alignment: Optional[Tensor] = None,
                 output_attentions: bool = False, output_hidden_states: bool = False, *,
-                padding_free: bool = False, img_masks: Optional[Tensor] = None) -> SingleStreamOutput:
+                padding_free: bool = False, img_masks: Optional[Tensor] = None,
+                packing: Optional[VLPacking] = None) -> SingleStreamOutput:
         """Encode words and regions.
 
         input_ids (B,Lt) (None: image only), attention_mask (B,Lt) bool or 0/1 int
@@ -238,7 +240,10 @@ class Uniter(PretrainedModel):
         bool: regions whose feature gets the learned ``mask_embedding`` added (MRM;
         as in the official code the model does not zero their features, the data
         pipeline does).  Text positions are 0..Lt-1.  ``image_text_alignment`` is
-        VisualBERT's and must be None.
+        VisualBERT's and must be None.  ``packing`` (with ``padding_free``): the
+        batch's precomputed :class:`~vlfast.models.packing.VLPacking` (``joint``; ``text``
+        / ``visual`` for text-only / image-only input), so the padding-free forward and
+        backward never wait on the device; None: packed from the masks (host syncs).
 
         Returns ``SingleStreamOutput``: last_hidden_state (B, Lt+Lv, E) (text slots,
         then visual slots, padding zeroed), pooler_output (B, E), and when asked
@@ -266,8 +271,12 @@ class Uniter(PretrainedModel):
                                              imask))
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         mask = torch.cat([tmask, vmask], dim=1)
+        packed = None
+        if padding_free and not output_attentions:
+            which = "text" if visual_feats is None else ("visual" if input_ids is None else "joint")
+            packed = bind_packing(_NAME, packing, which, mask)
         seq, states, attns = self.encoder(x, mask, padding_free=padding_free, output_attentions=output_attentions,
-                                          output_hidden_states=output_hidden_states)
+                                          output_hidden_states=output_hidden_states, packed=packed)
         # the official pooler reads slot 0 of the packed sequence: the first real token
         first = mask.to(torch.int8).argmax(dim=1)
         pooled = self.pooler(seq[torch.arange(B, device=seq.device), first][:, None])

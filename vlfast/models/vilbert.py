@@ -41,8 +41,9 @@ from vlfast.kernels.attention import reference as attn_ref
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
                                 load_hf_bert, load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertIntermediate, BertLayer, BertOutput, BertTextEmbeddings, Packed,
-                                  TwoStreamOutput, as_bool_mask, check_feats, check_ids,
+                                  TwoStreamOutput, as_bool_mask, bind_packing, check_feats, check_ids,
                                   dense_dropout_add_layer_norm, fail, init_bert_weights, zero_padding)
+from vlfast.models.packing import VLPacking
 
 _NAME = "ViLBert"
 logger = logging.getLogger(__name__)
@@ -382,11 +383,15 @@ class ViLBertEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x_t: Tensor, t_mask: Tensor, x_v: Tensor, v_mask: Tensor, *, padding_free: bool = False,
-                output_attentions: bool = False, output_hidden_states: bool = False) -> dict[str, Any]:
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                packed_t: Optional[Packed] = None, packed_v: Optional[Packed] = None) -> dict[str, Any]:
         """x_t (B,Lt,E), t_mask (B,Lt) bool, x_v (B,Lv,Ev), v_mask (B,Lv) bool.
 
         padding_free: the within-stream layers run on each stream's packed real tokens
-        (varlen attention); co-attention always runs padded, with the masks.  Returns
+        (varlen attention); co-attention always runs padded, with the masks.
+        packed_t / packed_v: the packing of t_mask / v_mask computed by the caller
+        (``bind_packing``: no host sync); None: ``Packed.from_mask`` (two host syncs
+        per stream on a GPU).  Returns
         {"t": (B,Lt,E), "v": (B,Lv,Ev)} (padding zeroed) plus, when asked, per-stream
         hidden states and the attention maps of text, vision and co-attention layers.
         """
@@ -398,7 +403,13 @@ class ViLBertEncoder(nn.Module):
         layers = {"t": self.layer, "v": self.v_layer}
         packs: dict[str, Optional[Packed]] = {"t": None, "v": None}
         if padding_free and not output_attentions:
-            packs = {s: Packed.from_mask(m) for s, m in masks.items()}
+            given = {"t": packed_t, "v": packed_v}
+            for s, m in masks.items():
+                pk = given[s]
+                if pk is not None and tuple(pk.mask.shape) != tuple(m.shape):
+                    fail("ViLBertEncoder", f"packed_{s}", f"the packing of a {tuple(m.shape)} mask",
+                         f"one of a {tuple(pk.mask.shape)} mask")
+                packs[s] = pk if pk is not None else Packed.from_mask(m)
         is_packed = {"t": False, "v": False}
         states: Optional[dict[str, list[Tensor]]] = {"t": [], "v": []} if output_hidden_states else None
         attns: Optional[dict[str, list]] = {"t": [], "v": [], "c": []} if output_attentions else None
@@ -519,7 +530,7 @@ class ViLBert(PretrainedModel):
                 token_type_ids: Optional[Tensor] = None, visual_feats: Optional[Tensor] = None,
                 visual_boxes: Optional[Tensor] = None, visual_mask: Optional[Tensor] = None,
                 output_attentions: bool = False, output_hidden_states: bool = False, padding_free: bool = False,
-                task_ids: Optional[Tensor] = None) -> TwoStreamOutput:
+                task_ids: Optional[Tensor] = None, *, packing: Optional[VLPacking] = None) -> TwoStreamOutput:
         """Run both streams.
 
         Args:
@@ -532,6 +543,11 @@ class ViLBert(PretrainedModel):
             padding_free: run the within-stream layers on packed real tokens (same outputs).
             task_ids: (B, 1), only with ``config.task_specific_tokens``: the task token
                 goes after [CLS], so seq_t is (B, Lt+1, E).
+            packing: with padding_free, the batch's precomputed
+                :class:`~vlfast.models.packing.VLPacking` (its ``text`` layout, with the
+                task token's slot added on the device, and its ``visual`` layout), so the
+                forward and backward never wait on the device; None: packed from the
+                masks (host syncs on a GPU).
         Returns:
             TwoStreamOutput: seq_t (B,Lt,E), seq_v (B,Lv,Ev) (padding zeroed), pooled_t
             (B,Eb), pooled_v (B,Eb), pooler_output (B,Eb) = the fused pair; with
@@ -548,8 +564,15 @@ class ViLBert(PretrainedModel):
             input_ids, attention_mask, token_type_ids, visual_feats, visual_boxes, visual_mask, task_ids)
         x_t = self.embeddings(input_ids, token_type_ids, task_ids)
         x_v = self.v_embeddings(feats, boxes)
+        packed_t = packed_v = None
+        if padding_free and not output_attentions:
+            # with a task token the text mask has one more real column (see _check_inputs)
+            extra = t_mask.shape[1] - input_ids.shape[1]
+            packed_t = bind_packing(_NAME, packing, "text", t_mask, before=extra)
+            packed_v = bind_packing(_NAME, packing, "visual", v_mask)
         enc = self.encoder(x_t, t_mask, x_v, v_mask, padding_free=padding_free,
-                           output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                           output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                           packed_t=packed_t, packed_v=packed_v)
         seq_t, seq_v = enc["t"], enc["v"]
         pooled_t, pooled_v = self.t_pooler(seq_t), self.v_pooler(seq_v)
         states, attns = enc["states"], enc["attns"]

@@ -50,7 +50,9 @@ from vlfast import ops
 from vlfast.models.base import (CONFIG_NAME, WEIGHTS_NAME, ConversionReport, ModelConfig, PathLike, PretrainedModel,
                                 finish_loading, load_hf_bert, load_state_dict_file, load_with_report, strip_prefix)
 from vlfast.models.layers import (BertEncoder, BertPooler, BertTextEmbeddings, SingleStreamOutput,
-                                  as_bool_mask, check_feats, check_ids, fail, init_bert_weights, zero_padding)
+                                  as_bool_mask, bind_packing, check_feats, check_ids, fail, init_bert_weights,
+                                  value_checks, zero_padding)
+from vlfast.models.packing import VLPacking
 
 NAME = "VisualBert"
 HF_MODEL_TYPE = "visual_bert"  # HF's model_type (ours, VisualBertConfig.model_type, is "visualbert")
@@ -299,7 +301,7 @@ class VisualBert(PretrainedModel):
                 visual_boxes: Optional[Tensor] = None, visual_mask: Optional[Tensor] = None,
                 visual_token_type_ids: Optional[Tensor] = None, image_text_alignment: Optional[Tensor] = None,
                 output_attentions: bool = False, output_hidden_states: bool = False,
-                padding_free: bool = False) -> SingleStreamOutput:
+                padding_free: bool = False, *, packing: Optional[VLPacking] = None) -> SingleStreamOutput:
         """Encode text and regions.
 
         Args:
@@ -316,6 +318,10 @@ class VisualBert(PretrainedModel):
             output_hidden_states: also return the num_hidden_layers + 1 (B, L, E) states.
             padding_free: run the encoder on the packed real tokens (varlen attention);
                 same outputs as the padded path.
+            packing: with padding_free, the batch's precomputed
+                :class:`~vlfast.models.packing.VLPacking` (its ``joint`` layout; ``text``
+                without visual_feats), so the forward and backward never wait on the
+                device; None: packed from the masks (host syncs on a GPU).
 
         Returns:
             SingleStreamOutput: last_hidden_state (B, Lt+Lv, E), text slots then visual slots,
@@ -361,8 +367,11 @@ class VisualBert(PretrainedModel):
             visual_feats = zero_padding(visual_feats, v_mask)
 
         x = self.embeddings(input_ids, token_type_ids, visual_feats, visual_token_type_ids, image_text_alignment)
+        packed = None
+        if padding_free and not output_attentions:
+            packed = bind_packing(NAME, packing, "text" if visual_feats is None else "joint", mask)
         h, states, attns = self.encoder(x, mask, padding_free=padding_free, output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states)
+                                        output_hidden_states=output_hidden_states, packed=packed)
         return SingleStreamOutput(last_hidden_state=h, pooler_output=self.pooler(h),
                                   attentions=tuple(attns) if attns is not None else None,
                                   hidden_states=tuple(states) if states is not None else None)
@@ -378,7 +387,7 @@ class VisualBert(PretrainedModel):
             fail(NAME, name, "an integer tensor", str(a.dtype).replace("torch.", ""))
         if a.shape[0] != B or a.shape[1] < Lv:
             fail(NAME, name, f"shape (B={B}, Lv>={Lv}, A)", f"shape {tuple(a.shape)}")
-        if a.numel() and (int(a.min()) < -1 or int(a.max()) >= P):
+        if a.numel() and value_checks(a) and (int(a.min()) < -1 or int(a.max()) >= P):
             fail(NAME, name, f"-1 (padding) or word positions in [0, {P})",
                  f"values in [{int(a.min())}, {int(a.max())}]")
 

@@ -61,7 +61,10 @@ the internal sequence is ``[text slots (Lt)] [visual slots (Lv)] [END]`` with pa
 left in place and masked: the same set of real tokens with the same embeddings, so the
 encoder output is the official one (attention does not depend on order).  The
 padding-free path packs exactly the official order.  The pooler reads the first real
-token (the official ``sequence_output[:, 0]``, [CLS] for left-aligned text).
+token (the official ``sequence_output[:, 0]``, [CLS] for left-aligned text).  Given the
+batch's ``packing`` (a :class:`~vlfast.models.packing.VLPacking`), the padding-free
+path appends the [END] slot to its ``joint`` layout on the device (no host sync), and
+the position-range check reads the longest text from ``packing.text.max_seqlen``.
 
 Outputs: ``last_hidden_state`` (B, Lt+Lv, E), the text slots then the visual slots
 (the [END] slot is dropped; padding zeroed); ``pooler_output`` (B, E);
@@ -105,8 +108,9 @@ from torch import Tensor, nn
 from vlfast import ops
 from vlfast.models.base import (ConversionReport, ModelConfig, PathLike, PretrainedModel, finish_loading,
                                 load_hf_bert, load_state_dict_file, load_with_report)
-from vlfast.models.layers import (BertEncoder, BertPooler, SingleStreamOutput, as_bool_mask, check_feats,
-                                  check_ids, fail, init_bert_weights, zero_padding)
+from vlfast.models.layers import (BertEncoder, BertPooler, SingleStreamOutput, as_bool_mask, bind_packing,
+                                  check_feats, check_ids, fail, init_bert_weights, value_checks, zero_padding)
+from vlfast.models.packing import VLPacking
 
 NAME = "VLBert"
 logger = logging.getLogger(__name__)
@@ -285,7 +289,7 @@ class VLBert(PretrainedModel):
                 visual_token_type_ids: Optional[Tensor] = None, image_text_alignment: Optional[Tensor] = None,
                 output_attentions: bool = False, output_hidden_states: bool = False, padding_free: bool = False,
                 image_size: Optional[Tensor] = None, text_tags: Optional[Tensor] = None,
-                img_masks: Optional[Tensor] = None) -> SingleStreamOutput:
+                img_masks: Optional[Tensor] = None, *, packing: Optional[VLPacking] = None) -> SingleStreamOutput:
         """input_ids (B,Lt) with [CLS]/[SEP] as the tokenizer gives them; attention_mask
         (B,Lt); token_type_ids (B,Lt) (default 0); visual_feats (B,Lv,visual_feat_dim);
         visual_boxes (B,Lv,4) [x1,y1,x2,y2] in pixels; image_size (B,2) (width, height) in
@@ -294,7 +298,9 @@ class VLBert(PretrainedModel):
         (default: the row's first real region); img_masks (B,Lv) bool or 0/1, True = a
         masked RoI (MVRC: its feature becomes ``object_mask_visual_embedding``, its [IMG]
         ``object_mask_word_embedding``; padded slots are ignored), None = none masked.
-        image_text_alignment must be None.
+        image_text_alignment must be None.  ``packing`` (with padding_free): the batch's
+        precomputed :class:`~vlfast.models.packing.VLPacking`, so the forward and backward
+        never wait on the device; None: packed from the masks (host syncs on a GPU).
 
         Returns SingleStreamOutput: last_hidden_state (B,Lt+Lv,E), pooler_output (B,E),
         hidden_states / attentions when asked (see the module docstring)."""
@@ -388,11 +394,18 @@ class VLBert(PretrainedModel):
         # ---- positions and token types of [text slots][visual slots][END]
         n_t = t_mask.sum(1, keepdim=True)                                       # (B,1)
         off = c.position_padding_idx + 1
-        max_pos = int(n_t.max()) + 1 + off if B else 0
-        if max_pos >= c.max_position_embeddings:
-            fail(NAME, "input_ids", f"at most {c.max_position_embeddings - 2 - off} real text tokens "
-                 f"(max_position_embeddings={c.max_position_embeddings}; objects and [END] take the next two)",
-                 f"{int(n_t.max())} real tokens")
+        # the longest text must leave the objects' and [END]'s positions in the table; Lt
+        # bounds it without reading a value, else the packing's host int, else (no
+        # packing, a batch this long) read it back
+        if B and Lt + 1 + off >= c.max_position_embeddings:
+            if padding_free and isinstance(packing, VLPacking) and packing.text.width == Lt:
+                longest = packing.text.max_seqlen
+            else:
+                longest = int(n_t.max())
+            if longest + 1 + off >= c.max_position_embeddings:
+                fail(NAME, "input_ids", f"at most {c.max_position_embeddings - 2 - off} real text tokens "
+                     f"(max_position_embeddings={c.max_position_embeddings}; objects and [END] take the next "
+                     f"two)", f"{longest} real tokens")
         t_pos = (t_mask.long().cumsum(1) - 1).clamp(min=0) + off
         pos = torch.cat((t_pos, (n_t + off).expand(B, Lv), n_t + 1 + off), 1)
         types = torch.cat((token_type_ids.long(), v_types.long(),
@@ -433,8 +446,12 @@ class VLBert(PretrainedModel):
         mask = torch.cat((t_mask, v_mask, torch.ones(B, 1, dtype=torch.bool, device=dev)), 1)
 
         # ---- encoder, pooler
+        packed = None
+        if padding_free and not output_attentions:
+            # [text | visual] + the [END] slot, real in every row
+            packed = bind_packing(NAME, packing, "joint" if Lv else "text", mask, after=1)
         h, states, attns = self.encoder(x, mask, padding_free=padding_free, output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states)
+                                        output_hidden_states=output_hidden_states, packed=packed)
         first_real = mask.int().argmax(1)
         pooled = self.pooler(h[torch.arange(B, device=dev), first_real][:, None])
         L = Lt + Lv
@@ -453,7 +470,7 @@ class VLBert(PretrainedModel):
             fail(NAME, "image_size", want, f"shape {tuple(image_size.shape)}")
         if image_size.dtype == torch.bool or image_size.dtype.is_complex:
             fail(NAME, "image_size", want, str(image_size.dtype).replace("torch.", ""))
-        if image_size.numel() and not bool((image_size > 0).all()):
+        if image_size.numel() and value_checks(image_size) and not bool((image_size > 0).all()):
             fail(NAME, "image_size", "positive widths and heights", f"min {float(image_size.min())}")
         return image_size.float()
 
