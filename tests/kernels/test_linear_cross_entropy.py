@@ -20,6 +20,7 @@ from vlfast.kernels.linear_cross_entropy import op as lce
 from vlfast.testing import assert_close_to_oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton row kernel on CUDA when there is a GPU
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(lce, "MIN_CHUNK_ELEMENTS", 0)
 
 
-def make(n, e, v, dtype, seed=0, bias=True, device="cpu"):
+def make(n, e, v, dtype, seed=0, bias=True, device=DEV):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, e, generator=g)
     w = torch.randn(v, e, generator=g) * (1.5 / e ** 0.5)
@@ -121,7 +122,7 @@ def test_every_reduction_matches_the_formula(reduction, kind):
         want = eager_hard(h, w, b, lab, reduction)
     else:
         want = eager_soft(h, w, b, t, reduction, kl=kind == "kl")
-    go = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    go = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
     wg = grads(want, (h, w, b), go)
     for backend in ("triton", "reference"):
         with ops.backend(backend):
@@ -227,11 +228,13 @@ def test_argmax_takes_the_first_maximum(backend):
     g = torch.Generator().manual_seed(10)
     w = torch.randint(-2, 3, (300, 8), generator=g).float()   # small integers: exact logits
     w[150] = w[3] = w[200] = 3.0         # exact ties between columns 3, 150, 200 (and across blocks)
-    h = torch.ones(5, 8)                 # logits 24 there, at most 16 elsewhere
-    lab = torch.zeros(5, dtype=torch.long)
+    w = w.to(DEV)
+    h = torch.ones(5, 8, device=DEV)     # logits 24 there, at most 16 elsewhere
+    lab = torch.zeros(5, dtype=torch.long, device=DEV)
     with ops.backend(backend):
         _, am = ops.linear_cross_entropy(h, w, None, lab, return_argmax=True)
-        _, am_soft = ops.linear_soft_cross_entropy(h, w, None, torch.ones(5, 300) / 300, return_argmax=True)
+        _, am_soft = ops.linear_soft_cross_entropy(h, w, None, torch.ones(5, 300, device=DEV) / 300,
+                                                   return_argmax=True)
     assert am.tolist() == [3] * 5 and am_soft.tolist() == [3] * 5
     assert torch.equal(am, F.linear(h, w).argmax(-1))
 
@@ -343,7 +346,7 @@ def test_opcheck(backend):
                                      (None, t, "sum", True), (None, t, "none", False)]:
         torch.library.opcheck(lce.linear_cross_entropy_fwd,
                               (h, w, b, labels, targets, -100, red, kl, True, True, True, backend))
-    go = torch.randn(5)
+    go = torch.randn(5, device=DEV)
     torch.library.opcheck(lce.linear_cross_entropy_bwd,
                           (go, h.detach(), w.detach(), None, lab, None, -100, "none", False, True, True, False,
                            backend))
