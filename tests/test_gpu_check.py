@@ -155,7 +155,7 @@ def test_dry_run_scales_caps_and_adds_xdist_workers():
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("python3") is None, reason="needs make and python3")
 def test_make_gpu_check_dry_run_and_no_install_prerequisite():
-    n = _run(["make", "-n", "gpu-check"], _env())
+    n = _run(["make", "--no-print-directory", "-n", "gpu-check"], _env())
     assert n.returncode == 0, n.stderr
     assert n.stdout.strip().splitlines() == ["python3 benchmarks/gpu_check.py"]  # no venv, no pip install
     for how in ({"env": _env(DRY_RUN="1"), "args": []}, {"env": _env(), "args": ["DRY_RUN=1"]}):
